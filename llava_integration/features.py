@@ -1,0 +1,92 @@
+"""Visual features of LLaVA-OneVision for the manager: the selected vision layers, projected and packed like HF packs
+the main feature, so that row i of the result belongs to the i-th visual token the language model receives.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+SQUARE = "square"
+
+
+def patches_per_image(
+    config, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None, vision_aspect_ratio: str
+) -> list[int]:
+    """How many crops (base view first) HF's `get_image_features` cuts each image into."""
+    if vision_aspect_ratio == SQUARE:
+        return [1] * len(image_sizes)
+    # As HF decides it: an image of a multi-image sample keeps its base view only.
+    if batch_num_images is None:
+        grids = [True] * len(image_sizes)
+    else:
+        grids = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+    return [
+        image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) if grid else 1
+        for size, grid in zip(image_sizes, grids)
+    ]
+
+
+def base_views(pixel_values: torch.Tensor) -> torch.Tensor:
+    """The base (whole-image) view of each image: `(num_images, C, H, W)`."""
+    if pixel_values.dim() == 5:
+        return pixel_values[:, 0]
+    if pixel_values.dim() == 4:
+        return pixel_values
+    raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
+
+
+def project_layers(
+    model: nn.Module, hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str
+) -> torch.Tensor:
+    """Stack the selected vision hidden states and run them through the model's own projector in one call.
+
+    Returns `(num_crops, tokens_per_crop, N, D)`; the layer axis sits before the channels so that folding it into
+    the channels (for packing) is a free view.
+    """
+    missing = [layer for layer in layers if hidden_states[layer] is None]
+    if missing:
+        raise RuntimeError(f"the vision tower did not return hidden states {missing}")
+    stacked = torch.stack([hidden_states[layer] for layer in layers], dim=2)
+    if select_strategy == "default":
+        stacked = stacked[:, 1:]
+    return model.multi_modal_projector(stacked)
+
+
+def pack_like_main_feature(
+    model: nn.Module,
+    experts: torch.Tensor,
+    image_sizes: torch.Tensor,
+    crops: list[int],
+    vision_aspect_ratio: str,
+) -> tuple[torch.Tensor, list[int]]:
+    """Pack `(num_crops, T, N, D)` per-layer features exactly as HF packs the main feature.
+
+    HF's `pack_image_features` stitches crops, unpads, bilinearly downsamples (anyres_max) and appends newline
+    tokens. All of these act on each channel alone, so the N layers fold into the channel axis and go through that
+    same public method in one call; every layer's newline token is the model's `image_newline`. In square mode each
+    image is its base view, with no newline token. Returns `(num_visual_tokens, N, D)` and the tokens per image.
+    """
+    num_crops, tokens, layers, hidden = experts.shape
+    if vision_aspect_ratio == SQUARE:
+        return experts.reshape(num_crops * tokens, layers, hidden), [tokens] * num_crops
+    folded = experts.reshape(num_crops, tokens, layers * hidden)
+    newline = model.image_newline.to(experts.dtype).repeat(layers)
+    packed, lengths = model.pack_image_features(
+        list(torch.split(folded, crops, dim=0)),
+        image_sizes,
+        image_newline=newline,
+        vision_aspect_ratio=vision_aspect_ratio,
+    )
+    return torch.cat(packed, dim=0).view(-1, layers, hidden), lengths.tolist()
+
+
+def grid_selection(lengths: list[int], base_tokens: int, grid_type: str, device: torch.device) -> torch.Tensor | None:
+    """Which packed tokens the manager serves: all, the base view's (`main`), or the rest (`grid`)."""
+    if grid_type == "all":
+        return None
+    lengths_t = torch.tensor(lengths, device=device)
+    starts = torch.cumsum(lengths_t, 0) - lengths_t
+    offset = torch.arange(int(lengths_t.sum()), device=device) - torch.repeat_interleave(starts, lengths_t)
+    return offset < base_tokens if grid_type == "main" else offset >= base_tokens

@@ -1,0 +1,325 @@
+"""The hooks that run a manager inside an HF `LlavaOnevisionModel`, installed and removed as one unit.
+
+One forward of the patched model:
+1. a pre-hook on the model opens a `_ForwardState` when the call carries images (prefill only: decode steps of
+   `generate` carry none, so the KV-cache path is untouched);
+2. the wrapped `get_image_features` asks the vision tower for the main layer *and* the manager's layers in the same
+   pass, projects the manager's layers with the model's projector, adds the layer embedding and packs them like the
+   main feature (`features.py`);
+3. the wrapped `get_placeholder_mask` records the exact mask HF scatters the visual tokens into;
+4. a pre-hook on each injection decoder layer adds the manager's output at those positions, for the whole batch at
+   once; after the last injection layer the per-layer features are released;
+5. a post-hook on the model drops the state, also when the forward raised.
+
+The same runtime also serves square images (no grid): each image is its base view, `T` tokens, no newline token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from manager_plugin import LayerManagers
+
+from .features import SQUARE, base_views, grid_selection, pack_like_main_feature, patches_per_image, project_layers
+
+QUERY_MASK_KWARG = "manager_query_mask"
+
+
+@dataclass
+class ImageFeaturesWithManager(BaseModelOutputWithPooling):
+    """`get_image_features`' output plus the manager's per-layer features of every visual token.
+
+    HF generation encodes images before the prefill forward and then expands (beam search) and slices (chunked
+    prefill) `deepstack_features`, token-aligned with `pooler_output`. The manager's features ride along under that
+    name: one entry holding, per image, `(tokens, N * D)` with the N vision layers folded into the channels.
+    """
+
+    deepstack_features: list[list[torch.Tensor]] | None = None
+
+
+@dataclass
+class _PaddedLayout:
+    """Where the managed tokens (flat order) sit in a per-sample padded batch `(B, L_max)`."""
+
+    sample: torch.Tensor
+    rank: torch.Tensor
+    batch_size: int
+    max_len: int
+
+    @classmethod
+    def from_positions(cls, positions: torch.Tensor, seq_len: int, batch_size: int) -> _PaddedLayout:
+        sample = positions // seq_len
+        counts = torch.bincount(sample, minlength=batch_size)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(positions.numel(), device=positions.device) - starts[sample]
+        max_len = int(counts.max()) if positions.numel() else 0
+        return cls(sample, rank, batch_size, max_len)
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        padded = rows.new_zeros((self.batch_size, self.max_len, *rows.shape[1:]))
+        padded[self.sample, self.rank] = rows
+        return padded
+
+    def valid(self) -> torch.Tensor:
+        mask = torch.zeros(self.batch_size, self.max_len, dtype=torch.bool, device=self.sample.device)
+        mask[self.sample, self.rank] = True
+        return mask
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        return padded[self.sample, self.rank]
+
+
+@dataclass
+class _ForwardState:
+    pending_layers: set[int]
+    query_mask: torch.Tensor | None = None
+    experts: torch.Tensor | None = None  # (V, N, D): every visual token in sequence order; zero where unmanaged
+    image_mask: torch.Tensor | None = None  # (B, T)
+    positions: torch.Tensor | None = None  # (V,) flat indices into B * T
+    padded: dict = field(default_factory=dict)  # adaptive managers: the padded layout and padded experts
+
+
+class ManagerRuntime:
+    """Owns every hook and wrapper put on one `LlavaOnevisionModel`; `uninstall` restores it exactly."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.managers: LayerManagers | None = None
+        self._state: _ForwardState | None = None
+        self._model_handles: list = []
+        self._layer_handles: list = []
+        self._replaced: dict[str, object] = {}
+        self._original = {}
+
+    # -- installation --------------------------------------------------------------------------------------------
+    def install(self) -> None:
+        model = self.model
+        for name, wrapper in (
+            ("get_image_features", self.get_image_features),
+            ("get_placeholder_mask", self.get_placeholder_mask),
+        ):
+            self._replaced[name] = model.__dict__.get(name)  # an instance attribute someone set before us, if any
+            self._original[name] = getattr(model, name)
+            setattr(model, name, wrapper)
+        self._model_handles = [
+            model.register_forward_pre_hook(self._begin, with_kwargs=True),
+            model.register_forward_hook(self._end, always_call=True),
+        ]
+
+    def uninstall(self) -> None:
+        self.detach_managers()
+        for handle in self._model_handles:
+            handle.remove()
+        self._model_handles = []
+        for name, previous in self._replaced.items():
+            if previous is None:
+                delattr(self.model, name)
+            else:
+                setattr(self.model, name, previous)
+        self._replaced = {}
+        self._original = {}
+
+    def attach_managers(self, managers: LayerManagers) -> None:
+        self.managers = managers
+        layers = self.model.language_model.layers
+        self._layer_handles = [
+            layers[index].register_forward_pre_hook(partial(self._inject, index), with_kwargs=True)
+            for index in managers.config.injection_layers
+        ]
+
+    def detach_managers(self) -> None:
+        for handle in self._layer_handles:
+            handle.remove()
+        self._layer_handles = []
+        self.managers = None
+        self._state = None
+
+    # -- one forward ---------------------------------------------------------------------------------------------
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        query_mask = kwargs.pop(QUERY_MASK_KWARG, None)
+        self._state = None
+        if self.managers is None:
+            return args, kwargs
+        pending = set(self.managers.config.injection_layers)
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None:  # generate() encoded the images before this prefill forward
+            carried = getattr(encoded, "deepstack_features", None)
+            if carried is None:
+                raise ValueError(
+                    "precomputed mm_encoder_outputs['image'] lack the manager's features: compute them with this "
+                    "patched model's get_image_features, or pass pixel_values"
+                )
+            hidden = self.managers.config.hidden_size
+            experts = torch.cat(carried[0], dim=0).view(-1, len(self.managers.config.vision_layers), hidden)
+            self._state = _ForwardState(pending, query_mask=query_mask, experts=experts)
+        elif kwargs.get("pixel_values", args[1] if len(args) > 1 else None) is not None:
+            self._state = _ForwardState(pending, query_mask=query_mask)
+        return args, kwargs
+
+    def _end(self, module: nn.Module, args: tuple, output) -> None:
+        self._state = None
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        vision_aspect_ratio: str | None = None,
+        batch_num_images: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """HF's `get_image_features`, plus the manager's layers captured from the same vision pass."""
+        config = self.model.config
+        feature_layer = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        aspect = vision_aspect_ratio or config.vision_aspect_ratio
+        manager_layers = self.managers.config.vision_layers if self.managers is not None else []
+        if manager_layers and kwargs.get("output_hidden_states") is not True:
+            kwargs["output_hidden_states"] = [feature_layer, *manager_layers]
+
+        if aspect == SQUARE:
+            outputs = self._square_image_features(pixel_values, feature_layer, strategy, manager_layers, **kwargs)
+        else:
+            outputs = self._original["get_image_features"](
+                pixel_values,
+                image_sizes,
+                vision_feature_layer=feature_layer,
+                vision_feature_select_strategy=strategy,
+                vision_aspect_ratio=aspect,
+                batch_num_images=batch_num_images,
+                **kwargs,
+            )
+        if not manager_layers:
+            return outputs
+        experts, lengths = self._manager_features(outputs.hidden_states, image_sizes, batch_num_images, strategy, aspect)
+        if self._state is not None:
+            self._state.experts = experts
+        folded = experts.view(experts.shape[0], -1)
+        return ImageFeaturesWithManager(**outputs, deepstack_features=[list(torch.split(folded, lengths))])
+
+    def _square_image_features(
+        self, pixel_values: torch.Tensor, feature_layer: int, strategy: str, manager_layers: list[int], **kwargs
+    ):
+        kwargs.pop("return_dict", None)
+        kwargs.setdefault("output_hidden_states", [feature_layer, *manager_layers])
+        outputs = self.model.vision_tower(base_views(pixel_values), return_dict=True, **kwargs)
+        feature = outputs.hidden_states[feature_layer]
+        if strategy == "default":
+            feature = feature[:, 1:]
+        outputs.pooler_output = list(self.model.multi_modal_projector(feature))
+        return outputs
+
+    def _manager_features(
+        self,
+        hidden_states: tuple,
+        image_sizes: torch.Tensor,
+        batch_num_images: torch.Tensor | None,
+        strategy: str,
+        aspect: str,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """`(V, N, D)` features of every visual token and the tokens per image; zero at unmanaged tokens."""
+        config = self.managers.config
+        projected = project_layers(self.model, hidden_states, config.vision_layers, strategy)
+        experts = self.managers.layer_embedding(projected)
+        crops = patches_per_image(self.model.config, image_sizes, batch_num_images, aspect)
+        experts, lengths = pack_like_main_feature(self.model, experts, image_sizes, crops, aspect)
+        managed = grid_selection(lengths, projected.shape[1], config.grid_type, experts.device)
+        if managed is not None:
+            # Zeroed features give an exactly zero delta there, and keep the features token-aligned for generate().
+            experts = experts * managed[:, None, None].to(experts.dtype)
+        return experts, lengths
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
+        """HF's `get_placeholder_mask`; the image mask is kept for the injection hooks."""
+        image_mask, video_mask = self._original["get_placeholder_mask"](
+            input_ids, inputs_embeds=inputs_embeds, image_features=image_features, video_features=video_features
+        )
+        if image_features is not None and self._state is not None:
+            self._state.image_mask = image_mask[..., 0]
+        return image_mask, video_mask
+
+    def _inject(self, layer: int, module: nn.Module, args: tuple, kwargs: dict):
+        state = self._state
+        if state is None or state.experts is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        positions = self._positions(state, hidden)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if self.managers.needs_state and layer != 0:
+            delta = self._adaptive_delta(layer, state, flat, positions, hidden.shape[:2])
+        else:
+            delta = self.managers(layer, state.experts)
+        updated = flat.index_add(0, positions, delta.to(hidden.dtype)).view_as(hidden)
+
+        state.pending_layers.discard(layer)
+        if not state.pending_layers:  # the last injection layer: free the per-layer features now
+            state.experts = None
+            state.padded = {}
+        if args:
+            return (updated, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": updated}
+
+    def _positions(self, state: _ForwardState, hidden: torch.Tensor) -> torch.Tensor:
+        if state.positions is None:
+            if state.image_mask is None:
+                raise RuntimeError("the manager's features were captured but HF's image placeholder mask was not")
+            positions = state.image_mask.reshape(-1).nonzero().squeeze(1)
+            if positions.numel() != state.experts.shape[0]:
+                raise RuntimeError(
+                    f"the manager packed {state.experts.shape[0]} visual tokens but the sequence holds "
+                    f"{positions.numel()} image placeholder tokens"
+                )
+            state.positions = positions.to(hidden.device)
+        return state.positions
+
+    def _adaptive_delta(
+        self, layer: int, state: _ForwardState, flat: torch.Tensor, positions: torch.Tensor, batch_seq: torch.Size
+    ) -> torch.Tensor:
+        batch_size, seq_len = batch_seq
+        if not state.padded:
+            layout = _PaddedLayout.from_positions(positions, seq_len, batch_size)
+            query_positions = self._query_positions(state, positions, batch_size, seq_len, flat.device)
+            query_layout = _PaddedLayout.from_positions(query_positions, seq_len, batch_size)
+            state.padded = {
+                "layout": layout,
+                "experts": layout.pad(state.experts),
+                "query_layout": query_layout,
+                "query_positions": query_positions,
+                "query_valid": query_layout.valid(),
+            }
+        padded = state.padded
+        layout, query_layout = padded["layout"], padded["query_layout"]
+        out = self.managers(
+            layer,
+            padded["experts"],
+            state=layout.pad(flat[positions]),
+            query=query_layout.pad(flat[padded["query_positions"]]),
+            query_mask=padded["query_valid"],
+        )
+        return layout.unpad(out)
+
+    @staticmethod
+    def _query_positions(
+        state: _ForwardState, positions: torch.Tensor, batch_size: int, seq_len: int, device: torch.device
+    ) -> torch.Tensor:
+        """Flat positions of each sample's query tokens; a sample with none uses its managed visual tokens."""
+        managed = torch.zeros(batch_size * seq_len, dtype=torch.bool, device=device)
+        managed[positions] = True
+        managed = managed.view(batch_size, seq_len)
+        if state.query_mask is None:
+            query = managed
+        else:
+            query = state.query_mask.to(device=device, dtype=torch.bool)
+            if query.shape != (batch_size, seq_len):
+                raise ValueError(
+                    f"{QUERY_MASK_KWARG} has shape {tuple(query.shape)}: expected (batch, sequence) = "
+                    f"({batch_size}, {seq_len})"
+                )
+            query = torch.where(query.any(dim=1, keepdim=True), query, managed)
+        return query.reshape(-1).nonzero().squeeze(1)

@@ -1,0 +1,197 @@
+"""The embedded tiny default: a small random LLaVA-OneVision in HF format, built offline in seconds.
+
+`python -m llava_integration.tiny DIR` writes a directory that `LlavaOnevisionForConditionalGeneration` and
+`AutoProcessor` load with `from_pretrained`: a SigLIP tower, a Qwen2 decoder, a byte-level BPE tokenizer trained on
+an embedded corpus, the Qwen ChatML chat template, and an image processor with AnyRes grid pinpoints (1x1 .. 6x6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+TOKENS_PER_CROP = (IMAGE_SIZE // PATCH_SIZE) ** 2
+GRID_PINPOINTS = [[IMAGE_SIZE * rows, IMAGE_SIZE * cols] for rows in range(1, 7) for cols in range(1, 7)]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Qwen ChatML, as LLaVA-OneVision's `qwen_1_5` template: a default system turn, images before the text of a user
+# turn, and `{% generation %}` around assistant text so `return_assistant_tokens_mask` marks the trained tokens.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\\n' }}{% endfor %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ '<|im_end|>' }}"
+    "{% endif %}"
+    "{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Words the tiny tokenizer should hold whole: chat roles, and the vocabulary of the synthetic images and questions.
+CORPUS_WORDS = """
+system user assistant You are a helpful assistant. Answer with a single word. Answer with the option's letter.
+What colour is the shape? What shape is in the image? Where is the shape? How many shapes are there?
+Describe the image. The image shows a on the left right top bottom centre center middle of
+red green blue yellow purple orange white black grey gray pink brown cyan
+circle square triangle star cross ring diamond rectangle ellipse
+one two three four five six seven eight nine ten zero
+A B C D E yes no Yes No true false
+small large big tiny and with in at is it there image picture photo shape shapes colour color text says word
+Options: Question: Answer: Which letter The
+"""
+
+
+def build_tokenizer():
+    """A Qwen2 byte-level BPE tokenizer trained on `CORPUS_WORDS`, with the LLaVA-OV special tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=640,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[SPECIAL_TOKENS[0]],
+    )
+    words = CORPUS_WORDS.split()
+    # Each word both at the start of a text and after a space, so both forms become single tokens.
+    lines = CORPUS_WORDS.strip().splitlines() + [" ".join(words)] * 4 + words
+    bpe.train_from_iterator(lines, trainer=trainer)
+    merges = [tuple(merge) for merge in json.loads(bpe.to_str())["model"]["merges"]]
+    tokenizer = Qwen2Tokenizer(
+        vocab=bpe.get_vocab(),
+        merges=merges,
+        unk_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        model_max_length=4096,
+    )
+    tokenizer.add_tokens([AddedToken(token, special=True) for token in SPECIAL_TOKENS], special_tokens=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_config(vocab_size: int, image_token_id: int, video_token_id: int):
+    """The tiny `LlavaOnevisionConfig`: SigLIP (6 blocks, width 32) + Qwen2 (6 layers, width 64)."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        video_token_id=video_token_id,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=GRID_PINPOINTS,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=True,
+    )
+
+
+def build_processor(tokenizer):
+    """The HF `LlavaOnevisionProcessor` for the tiny model (32 px crops, 16 tokens each)."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    image_processor = LlavaOnevisionImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=GRID_PINPOINTS,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    video_processor = LlavaOnevisionVideoProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
+    )
+    return LlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        num_image_tokens=TOKENS_PER_CROP,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+        vision_aspect_ratio="anyres_max_9",
+    )
+
+
+def build_tiny_model(seed: int = 0):
+    """The tiny model and its processor, in memory."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer)
+    config = build_config(
+        len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("<video>")
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    return model, processor
+
+
+def write_tiny(directory: str | Path, seed: int = 0) -> Path:
+    """Write the tiny model and processor to `directory` in HF format; return the directory."""
+    directory = Path(directory)
+    model, processor = build_tiny_model(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory", help="where to write the tiny model")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = write_tiny(args.directory, args.seed)
+    print(f"wrote the tiny LLaVA-OneVision to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The manager plugin: aggregates several layers of a uni-modal encoder into another stream. Knows no model."""
+
+from .config import CONFIG_NAME, GRID_TYPES, ManagerConfig
+from .managers import MANAGER_TYPES, AdaptiveManager, QueryAttention, StaticManager, build_manager
+from .ops import multiplicative_jitter, softmax_layer_weights, weighted_layer_sum
+from .stack import LayerEmbedding, LayerManagers
+
+__all__ = [
+    "CONFIG_NAME",
+    "GRID_TYPES",
+    "MANAGER_TYPES",
+    "AdaptiveManager",
+    "LayerEmbedding",
+    "LayerManagers",
+    "ManagerConfig",
+    "QueryAttention",
+    "StaticManager",
+    "build_manager",
+    "multiplicative_jitter",
+    "softmax_layer_weights",
+    "weighted_layer_sum",
+]

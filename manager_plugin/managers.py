@@ -1,0 +1,152 @@
+"""Zero-initialised managers: they add `sum_n w_n * expert_n` to a stream and start out adding exactly zero.
+
+A manager sees `experts` of shape `(..., N, D)` (N stacked expert layers) and returns `(..., D)`. Adaptive managers
+also see the stream's current `state` `(B, L, D)` at those tokens and, for the query variants, `query` tokens
+`(B, Q, D)` with a boolean `query_mask` `(B, Q)`.
+
+Adding a variant is one entry in `MANAGER_TYPES`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .ops import multiplicative_jitter, weighted_layer_sum
+
+
+class StaticManager(nn.Module):
+    """Per-layer, per-channel weights `w` of shape (N, D), initialised to zero, jittered in training."""
+
+    def __init__(self, num_experts: int, hidden_size: int, jitter: float = 0.01) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.jitter = jitter
+        self.layer_weights = nn.Parameter(torch.zeros(num_experts, hidden_size))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.layer_weights)
+
+    def forward(
+        self,
+        experts: torch.Tensor,
+        state: torch.Tensor | None = None,
+        query: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        _check_experts(experts, self.num_experts)
+        weights = self.layer_weights
+        if self.training:
+            weights = multiplicative_jitter(weights, self.jitter)
+        return weighted_layer_sum(experts, weights)
+
+
+class QueryAttention(nn.Module):
+    """One-head scaled dot-product attention of the state over query tokens, with no value projection."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, state: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        scores = self.q_proj(state) @ self.k_proj(query).transpose(-1, -2) / math.sqrt(self.q_proj.out_features)
+        scores = scores.masked_fill(~query_mask[:, None, :], torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1) @ query
+
+
+def _last_query(state: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    last = (query_mask.sum(dim=1) - 1).clamp(min=0)
+    picked = query[torch.arange(query.shape[0], device=query.device), last]
+    return picked[:, None, :].expand_as(state)
+
+
+def _average_query(state: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    mask = query_mask[..., None].to(query.dtype)
+    mean = (query * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return mean[:, None, :].expand_as(state)
+
+
+class AdaptiveManager(nn.Module):
+    """Per-token layer scores from a bias-free linear controller, times a zero-initialised gate (N, D).
+
+    `query_type` None scores each token from its own state; "last", "average" and "cross" concatenate a summary of
+    the query tokens (the last one, their mean, or an attention read-out) before the state, as in the reference.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, jitter: float = 0.01, query_type: str | None = None):
+        super().__init__()
+        if query_type not in QUERY_TYPES:
+            raise ValueError(f"unknown query_type {query_type!r}: expected one of {QUERY_TYPES}")
+        self.num_experts = num_experts
+        self.jitter = jitter
+        self.query_type = query_type
+        self.query_attention = QueryAttention(hidden_size) if query_type == "cross" else None
+        in_features = hidden_size if query_type is None else 2 * hidden_size
+        self.controller = nn.Linear(in_features, num_experts, bias=False)
+        self.gate = nn.Parameter(torch.zeros(num_experts, hidden_size))
+
+    def reset_parameters(self) -> None:
+        self.controller.reset_parameters()
+        if self.query_attention is not None:
+            self.query_attention.q_proj.reset_parameters()
+            self.query_attention.k_proj.reset_parameters()
+        nn.init.zeros_(self.gate)
+
+    def forward(
+        self,
+        experts: torch.Tensor,
+        state: torch.Tensor | None = None,
+        query: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        _check_experts(experts, self.num_experts)
+        if state is None:
+            raise ValueError("an adaptive manager needs the stream's state at the managed tokens")
+        controller_input = state
+        if self.query_type is not None:
+            if query is None:
+                # No query tokens given: the managed tokens serve as their own query, as the reference does.
+                query = state
+                query_mask = torch.ones(state.shape[:2], dtype=torch.bool, device=state.device)
+            elif query_mask is None:
+                query_mask = torch.ones(query.shape[:2], dtype=torch.bool, device=query.device)
+            if self.query_attention is not None:
+                readout = self.query_attention(state, query, query_mask)
+            else:
+                readout = _POOLED_QUERY[self.query_type](state, query, query_mask)
+            controller_input = torch.cat((readout, state), dim=-1)
+        scores = self.controller(controller_input)  # (..., N)
+        weights = scores[..., None] * self.gate  # (..., N, D)
+        if self.training:
+            weights = multiplicative_jitter(weights, self.jitter)
+        return weighted_layer_sum(experts, weights)
+
+
+def _check_experts(experts: torch.Tensor, num_experts: int) -> None:
+    if experts.dim() < 2 or experts.shape[-2] != num_experts:
+        raise ValueError(f"expected experts of shape (..., {num_experts}, hidden), got {tuple(experts.shape)}")
+
+
+QUERY_TYPES = (None, "last", "average", "cross")
+_POOLED_QUERY = {"last": _last_query, "average": _average_query}
+
+ManagerFactory = Callable[[int, int, float], nn.Module]
+
+MANAGER_TYPES: dict[str, ManagerFactory] = {
+    "static": lambda n, d, jitter: StaticManager(n, d, jitter),
+    "adaptive": lambda n, d, jitter: AdaptiveManager(n, d, jitter, query_type=None),
+    "adaptive_last": lambda n, d, jitter: AdaptiveManager(n, d, jitter, query_type="last"),
+    "adaptive_average": lambda n, d, jitter: AdaptiveManager(n, d, jitter, query_type="average"),
+    "adaptive_cross": lambda n, d, jitter: AdaptiveManager(n, d, jitter, query_type="cross"),
+}
+
+
+def build_manager(manager_type: str, num_experts: int, hidden_size: int, jitter: float = 0.01) -> nn.Module:
+    """The manager registered under `manager_type`."""
+    if manager_type not in MANAGER_TYPES:
+        raise ValueError(f"unknown manager_type {manager_type!r}: expected one of {sorted(MANAGER_TYPES)}")
+    return MANAGER_TYPES[manager_type](num_experts, hidden_size, jitter)

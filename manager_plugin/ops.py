@@ -1,0 +1,33 @@
+"""The arithmetic every manager shares: weighting stacked expert layers and summing them, plus training noise.
+
+Experts are stacked on the second-to-last axis: `(..., num_experts, hidden)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def weighted_layer_sum(experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`sum_n weights[..., n, :] * experts[..., n, :]`, with `weights` broadcast against `experts`."""
+    if weights.dim() == 2:
+        # Per-layer, per-channel weights shared by every token: one fused contraction, no (..., N, D) temporary.
+        return torch.einsum("...nd,nd->...d", experts, weights.to(experts.dtype))
+    return (experts * weights).sum(dim=-2)
+
+
+def multiplicative_jitter(x: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """`x` times elementwise noise drawn from U(1 - epsilon, 1 + epsilon)."""
+    if epsilon == 0:
+        return x
+    noise = torch.empty_like(x).uniform_(1.0 - epsilon, 1.0 + epsilon)
+    return x * noise
+
+
+def softmax_layer_weights(
+    scores: torch.Tensor, temperature: torch.Tensor | float, noise_std: float = 0.0, training: bool = False
+) -> torch.Tensor:
+    """Softmax over the layer axis (-2) of `(scores + noise) / temperature`; Gaussian noise only in training."""
+    if training and noise_std > 0:
+        scores = scores + torch.randn_like(scores) * noise_std
+    return torch.softmax(scores / temperature, dim=-2)

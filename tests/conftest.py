@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny LLaVA-OneVision is built once per session; every test gets a fresh copy."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A directory holding the tiny model and processor (HF format)."""
+    from llava_integration.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+@pytest.fixture
+def tiny_model(tiny_dir):
+    """A fresh fp32 tiny model in eval mode."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(0)
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    """A random RGB image of the given size."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
