@@ -82,6 +82,7 @@ def apply_manager(model: nn.Module, config: ManagerConfig | None = None) -> nn.M
     with torch.device(reference.device):
         managers = LayerManagers(resolved)
     managers.to(reference.dtype)
+    managers.train(inner.training)  # a new module defaults to training mode, which would jitter an eval model
 
     inner.add_module("manager", managers)
     _runtime(inner, create=True).attach_managers(managers)
