@@ -13,40 +13,13 @@ from pathlib import Path
 
 import torch
 
+from .chat_template import CHAT_TEMPLATE
+
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 TOKENS_PER_CROP = (IMAGE_SIZE // PATCH_SIZE) ** 2
 GRID_PINPOINTS = [[IMAGE_SIZE * rows, IMAGE_SIZE * cols] for rows in range(1, 7) for cols in range(1, 7)]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-# Qwen ChatML, as LLaVA-OneVision's `qwen_1_5` template: a default system turn, images before the text of a user
-# turn, and `{% generation %}` around assistant text so `return_assistant_tokens_mask` marks the trained tokens.
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
-    "{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\\n' }}{% endfor %}"
-    "{% if message['role'] == 'assistant' %}{% generation %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
-    "{{ '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
-    "{{ '<|im_end|>' }}"
-    "{% endif %}"
-    "{% endif %}"
-    "{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 # Words the tiny tokenizer should hold whole: chat roles, and the vocabulary of the synthetic images and questions.
 CORPUS_WORDS = """
 system user assistant You are a helpful assistant. Answer with a single word. Answer with the option's letter.
