@@ -31,3 +31,9 @@ def softmax_layer_weights(
     if training and noise_std > 0:
         scores = scores + torch.randn_like(scores) * noise_std
     return torch.softmax(scores / temperature, dim=-2)
+
+
+def expert_layer_norm(experts: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm of each expert `experts[..., n, :]` with its own affine `weight[n]`, `bias[n]` (both (N, D))."""
+    normed = torch.nn.functional.layer_norm(experts, experts.shape[-1:], eps=eps)
+    return normed * weight.to(normed.dtype) + bias.to(normed.dtype)
