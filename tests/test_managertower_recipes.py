@@ -1,0 +1,143 @@
+"""ManagerTower data (arrow and json readers, collation), recipes, and every recipe run from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from manager_plugin.managertower.tiny import build_tokenizer
+from training.managertower.cli import main
+from training.managertower.collators import TaskCollator, vqa_targets
+from training.managertower.datasets import TaskDataset
+from training.managertower.readers import open_image, read_records
+from training.managertower.recipe import RecipeError, load_recipe, parse_overrides, recipe_names
+from training.managertower.run import deepspeed_config
+from training.managertower.synthetic import write_synthetic
+from training.managertower.transforms import build_transform
+
+TASKS = ("pretrain", "vqav2", "snli_ve", "nlvr2", "retrieval")
+EXPECTED_METRICS = {
+    "pretrain": {"mlm_accuracy", "itm_accuracy"},
+    "vqav2": {"vqa_score"},
+    "snli_ve": {"accuracy"},
+    "nlvr2": {"accuracy"},
+    "flickr30k": {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "tr_mean", "ir_mean", "r_mean", "rsum"},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_arrow_and_json_readers_read_the_same_samples(task, tmp_path):
+    root = write_synthetic(task, tmp_path, num_images=3)
+    arrow = read_records("arrow", root, [f"{task}_train"], task)
+    records = read_records("json", root, [f"{task}_train.json"], task)
+    assert len(arrow) == len(records) > 3
+    assert arrow.texts() == records.texts() == [records[i]["text"] for i in range(len(records))]
+    for index in range(len(arrow)):
+        ours, theirs = arrow[index], records[index]
+        for key in set(ours) - {"image", "images"}:
+            assert ours[key] == theirs[key], (index, key)
+        pairs = zip(ours.get("images", [ours.get("image")]), theirs.get("images", [theirs.get("image")]))
+        for from_arrow, from_json in pairs:
+            assert np.array_equal(np.asarray(open_image(from_arrow)), np.asarray(open_image(from_json)))
+    if task == "retrieval":
+        assert arrow.image_ids().tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_arrow_reader_errors_name_the_problem(tmp_path):
+    write_synthetic("vqav2", tmp_path, num_images=2)
+    with pytest.raises(FileNotFoundError, match="no table vqav2_missing.arrow"):
+        read_records("arrow", tmp_path, ["vqav2_missing"], "vqav2")
+    with pytest.raises(ValueError, match="no 'caption' column"):
+        read_records("arrow", tmp_path, ["vqav2_train"], "retrieval")
+
+
+def test_vqa_targets_are_dense_soft_scores():
+    samples = [{"labels": [2, 0], "scores": [0.6, 0.3]}, {"labels": [], "scores": []}, {"labels": [3], "scores": [1.0]}]
+    expected = torch.tensor([[0.3, 0, 0.6, 0], [0, 0, 0, 0], [0, 0, 0, 1.0]])
+    torch.testing.assert_close(vqa_targets(samples, 4), expected)
+    with pytest.raises(ValueError, match="answer label 3 out of range: the head has 3 answers"):
+        vqa_targets(samples, 3)
+
+
+def test_pretraining_batches_mask_text_and_draw_false_images(tmp_path, tokenizer):
+    root = write_synthetic("pretrain", tmp_path, num_images=4)
+    dataset = TaskDataset(
+        read_records("arrow", root, ["pretrain_train"], "pretrain"), build_transform("clip", 32), True
+    )
+    torch.manual_seed(0)
+    batch = TaskCollator(tokenizer, "pretrain", max_text_len=16, mlm_probability=0.5)([dataset[i] for i in range(8)])
+    assert batch["input_ids"].shape == batch["mlm_input_ids"].shape == (8, 16)
+    assert batch["pixel_values"].shape == batch["false_pixel_values"].shape == (8, 3, 32, 32)
+    masked = batch["mlm_labels"] != -100
+    assert masked.any()
+    assert torch.equal(batch["mlm_labels"][masked], batch["input_ids"][masked])
+    special = torch.isin(batch["input_ids"], torch.tensor(tokenizer.all_special_ids))
+    assert not (masked & special).any()
+    changed = batch["mlm_input_ids"] != batch["input_ids"]
+    assert not (changed & ~masked).any()
+    assert (batch["mlm_input_ids"][masked] == tokenizer.mask_token_id).any()
+
+
+def test_recipes_load_and_reject_bad_values():
+    assert recipe_names() == sorted(EXPECTED_METRICS)
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        assert recipe.optim["lr_multipliers"]["cross_modal"] == 5
+    vqa = load_recipe("vqav2")
+    assert vqa.optim["lr_multipliers"]["vqa_classifier"] == 50 and vqa.model["head"]["num_labels"] == 3129
+    overrides = parse_overrides(["training.learning_rate=2e-5", "model.config.manager_type=SAUE"])
+    assert overrides == {"training": {"learning_rate": 2e-5}, "model": {"config": {"manager_type": "SAUE"}}}
+    assert vqa.with_overrides(overrides).training["learning_rate"] == 2e-5
+    with pytest.raises(RecipeError, match="data.format 'parquet'"):
+        vqa.with_overrides({"data": {"format": "parquet"}})
+    with pytest.raises(RecipeError, match=r"unknown data keys \['images'\]"):
+        vqa.with_overrides({"data": {"images": "x"}})
+    with pytest.raises(RecipeError, match="is not KEY=VALUE"):
+        parse_overrides(["training.max_steps"])
+    with pytest.raises(RecipeError, match="no recipe 'vqa3'"):
+        load_recipe("vqa3")
+    assert deepspeed_config("zero2").endswith("training/deepspeed/zero2.json")
+    with pytest.raises(FileNotFoundError, match="no DeepSpeed config at /nowhere.json"):
+        deepspeed_config("/nowhere.json")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_METRICS))
+def test_every_recipe_runs_a_few_steps_from_the_command_line(name, tmp_path):
+    metrics = main(["--recipe", name, "--output-dir", str(tmp_path), "--synthetic", "--max-steps", "2"])
+    assert set(metrics) == EXPECTED_METRICS[name]
+    assert all(np.isfinite(value) for value in metrics.values())
+    assert json.loads((tmp_path / "eval_metrics.json").read_text()) == metrics
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "tokenizer_config.json").is_file()
+
+
+def test_pretrain_then_finetune_from_its_checkpoint_then_evaluate_it(tmp_path):
+    """JSON data; NLVR2 starts from the pre-training checkpoint at a larger image size (position table resized, a
+    third token type added); `--eval-only` on the saved NLVR2 checkpoint reproduces the run's metrics."""
+    main(["--recipe", "pretrain", "--output-dir", str(tmp_path / "pt"), "--synthetic", "--max-steps", "1",
+          "--set", "data.format=json"])  # fmt: skip
+    common = ["--recipe", "nlvr2", "--synthetic", "--set", "data.image_size=48", "--set", "data.format=json"]
+    trained = main(
+        [*common, "--output-dir", str(tmp_path / "nlvr2"), "--max-steps", "1", "--model", str(tmp_path / "pt")]
+    )
+    config = json.loads((tmp_path / "nlvr2" / "config.json").read_text())
+    assert config["num_token_types"] == 3 and config["vision_config"]["image_size"] == 48
+    reloaded = main(
+        [*common, "--output-dir", str(tmp_path / "eval"), "--eval-only", "--model", str(tmp_path / "nlvr2")]
+    )
+    assert reloaded == trained

@@ -1,0 +1,58 @@
+"""Task datasets: records with their images read and transformed; texts stay strings for the batch collator."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .readers import open_image
+
+
+class TaskDataset(Dataset):
+    """Each sample is its record with `pixel_values` in place of the image reference(s).
+
+    NLVR2 records carry two images (`pixel_values` (2, C, H, W)). With `false_image`, each sample also gets the image
+    of a random other sample as `false_pixel_values`, for image-text matching (the reference's `draw_false_image`).
+    """
+
+    def __init__(self, records: Any, transform: Callable, false_image: bool = False) -> None:
+        self.records = records
+        self.transform = transform
+        self.false_image = false_image
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _pixels(self, record: dict[str, Any]) -> torch.Tensor:
+        if "images" in record:
+            return torch.stack([self.transform(open_image(image)) for image in record["images"]])
+        return self.transform(open_image(record["image"]))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        sample = {key: value for key, value in record.items() if key not in ("image", "images")}
+        sample["pixel_values"] = self._pixels(record)
+        if self.false_image:
+            sample["false_pixel_values"] = self._pixels(self.records[random.randrange(len(self.records))])
+        return sample
+
+
+class UniqueImages(Dataset):
+    """The distinct images of retrieval records (the first record of each image id), with their ids."""
+
+    def __init__(self, records: Any, transform: Callable) -> None:
+        self.records = records
+        self.transform = transform
+        self.ids, self.indices = np.unique(records.image_ids(), return_index=True)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[int(self.indices[index])]
+        return {"pixel_values": self.transform(open_image(record["image"])), "image_id": int(self.ids[index])}
