@@ -17,10 +17,11 @@ from tqdm import tqdm
 from transformers import AutoProcessor
 
 from llava_integration import QUERY_MASK_KWARG, load_model, manager_of, prepare_inputs, set_image_aspect_ratio
+from llava_integration.query import instruction_query_mask
 
 from .generation import GenerationSettings
 from .likelihood import append_continuations, continuation_scores, positions_from_mask
-from .prompting import chat_prompt, instruction_query_mask, request_images
+from .prompting import chat_prompt, request_images
 
 DTYPES = {
     "float32": torch.float32,
@@ -32,7 +33,6 @@ DTYPES = {
 }
 GRID_SWITCH = {"true": True, "on": True, "yes": True, "false": False, "off": False, "no": False}
 GRID_ASPECT_RATIO = "anyres_max_9"  # the paper's grid setting, used when a square checkpoint is evaluated with grids
-TURN_END_TOKEN = "<|im_end|>"
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -116,7 +116,10 @@ class LlavaOvManager(lmms):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:  # batches need one; it never reaches an unmasked position
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self._query_turn_end = self._query_turn_end_id()
+        managers = manager_of(self._model)
+        self._reads_query = managers is not None and any(
+            getattr(manager, "query_type", None) for manager in managers.managers
+        )
         managers = manager_of(self._model)
         logger.info(
             f"llava_ov_manager: {pretrained} (+ adapter {manager})" if manager else f"llava_ov_manager: {pretrained}"
@@ -245,25 +248,11 @@ class LlavaOvManager(lmms):
                 encoded[name] = value
         return encoded
 
-    def _query_turn_end_id(self) -> int | None:
-        """The turn-end token that closes the instruction, when the manager reads one (adaptive query managers)."""
-        managers = manager_of(self._model)
-        if managers is None or not any(getattr(manager, "query_type", None) for manager in managers.managers):
-            return None
-        if TURN_END_TOKEN not in self.tokenizer.get_vocab():
-            logger.warning(
-                f"the tokenizer has no {TURN_END_TOKEN} token: the adaptive manager's query falls back to the visual "
-                "tokens themselves"
-            )
-            return None
-        return self.tokenizer.convert_tokens_to_ids(TURN_END_TOKEN)
-
     def _query_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
-        if self._query_turn_end is None:
+        """The instruction tokens, for managers that read them as their query (adaptive_last/average/cross)."""
+        if not self._reads_query:
             return None
-        return instruction_query_mask(
-            input_ids, attention_mask, self._model.config.image_token_id, self._query_turn_end
-        )
+        return instruction_query_mask(input_ids, self.tokenizer, attention_mask)
 
 
 @contextmanager

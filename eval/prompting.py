@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from PIL import Image
 
 
@@ -38,19 +37,3 @@ def chat_prompt(processor, text: str, num_images: int, where: str) -> str:
         raise ValueError(f"{where}: the text places {placed} image tokens but the document has {num_images} images")
     content = [{"type": "image"}] * (num_images - placed) + [{"type": "text", "text": text}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-def instruction_query_mask(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, turn_end_id: int
-) -> torch.Tensor:
-    """(B, T) bool: the user's instruction tokens, i.e. those after the last image token up to the end of its turn.
-
-    This is the query of the adaptive_last / average / cross managers, as in the reference (the text of the user
-    turn that holds the image). Samples without images get the tokens up to the first turn end; the manager does not
-    act on them.
-    """
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last_image = torch.where(input_ids == image_token_id, positions, -1).amax(dim=1, keepdim=True)
-    after_image = positions > last_image
-    turn_ends = (input_ids == turn_end_id) & after_image
-    return after_image & (turn_ends.long().cumsum(dim=1) == 0) & attention_mask.bool()

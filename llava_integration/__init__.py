@@ -5,6 +5,7 @@ from .conversion import ConversionError, convert_hf_to_llava_next, convert_llava
 from .loading import LlavaOnevisionManagerForConditionalGeneration, load_model
 from .patch import apply_manager, manager_of, remove_manager, set_image_aspect_ratio
 from .processing import prepare_inputs
+from .query import instruction_query_mask
 from .runtime import QUERY_MASK_KWARG
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "apply_manager",
     "convert_hf_to_llava_next",
     "convert_llava_next_to_hf",
+    "instruction_query_mask",
     "load_manager",
     "load_model",
     "manager_of",

@@ -34,7 +34,7 @@ def resolve_manager_config(model_config, config: ManagerConfig) -> ManagerConfig
     """`config` with its defaults resolved and checked against a `LlavaOnevisionConfig`."""
     feature_layer = model_config.vision_feature_layer
     if not isinstance(feature_layer, int):
-        raise ValueError(
+        raise TypeError(
             f"the manager needs a single main vision feature layer, but vision_feature_layer is {feature_layer!r}"
         )
     if model_config.vision_aspect_ratio == SQUARE and config.grid_type == "grid":

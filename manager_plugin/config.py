@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ def _check_layer_list(name: str, layers: Any) -> list[int] | None:
             raise TypeError(f"{name} must hold ints, got {layer!r} in {layers}")
         if layer < 0:
             raise ValueError(f"{name} must hold non-negative hidden-state indices, got {layer} in {layers}")
-    if any(b <= a for a, b in zip(layers, layers[1:])):
+    if any(b <= a for a, b in pairwise(layers)):
         raise ValueError(f"{name} must be strictly increasing, got {layers}")
     return layers
 
@@ -62,12 +63,11 @@ class ManagerConfig:
             raise ValueError(f"hidden_size must be a positive int, got {self.hidden_size!r}")
         if not isinstance(self.injection_interval, int) or self.injection_interval <= 0:
             raise ValueError(f"injection_interval must be a positive int, got {self.injection_interval!r}")
-        if self.vision_layers is not None and self.injection_layers is not None:
-            if 0 in self.injection_layers and len(self.vision_layers) < 2:
-                raise ValueError(
-                    "injection at decoder layer 0 uses one vision layer fewer than the others (the layer-0 rule), "
-                    f"so it needs at least 2 vision_layers, got {self.vision_layers}"
-                )
+        if self.vision_layers is not None and 0 in (self.injection_layers or []) and len(self.vision_layers) < 2:
+            raise ValueError(
+                "injection at decoder layer 0 uses one vision layer fewer than the others (the layer-0 rule), "
+                f"so it needs at least 2 vision_layers, got {self.vision_layers}"
+            )
 
     @property
     def is_resolved(self) -> bool:
@@ -136,5 +136,5 @@ class ManagerConfig:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from error
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+            raise TypeError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)

@@ -157,15 +157,19 @@ def test_loglikelihood_is_the_continuations_negative_log_probability(static_chec
 
 
 def instruction_tokens(processor):
-    """The instruction mask by hand: tokens after the last <image> up to (not including) the next <|im_end|>."""
-    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    """The instruction by hand: the user turn's text around the images, without its role name, images and blanks."""
+    tokenizer = processor.tokenizer
+    image_id, start_id, end_id = (tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<|im_start|>", "<|im_end|>"))
 
     def mask(ids):
         ids = ids.tolist()
-        start = max(index for index, token in enumerate(ids) if token == image_id) + 1
-        stop = ids.index(end_id, start)
-        return torch.tensor([start <= index < stop for index in range(len(ids))])
+        first_image = ids.index(image_id)
+        turn = max(index for index in range(first_image) if ids[index] == start_id) + 2  # past `<|im_start|>user`
+        stop = ids.index(end_id, first_image)
+        return torch.tensor(
+            [turn <= index < stop and ids[index] != image_id and bool(tokenizer.decode([ids[index]]).strip())
+             for index in range(len(ids))]
+        )
 
     return mask
 

@@ -390,3 +390,25 @@ def test_unknown_image_aspect_ratio_is_refused(tiny_model):
     apply_manager(tiny_model, ManagerConfig(grid_type="grid"))
     with pytest.raises(ValueError, match="square images .* have none"):
         set_image_aspect_ratio(tiny_model, "square")
+
+
+def test_instruction_query_mask_marks_the_text_of_the_user_turn_holding_the_images(tiny_processor):
+    from llava_integration import instruction_query_mask
+
+    tokenizer = tiny_processor.tokenizer
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Where is it?"}]},
+    ]
+    chat = tokenizer(tiny_processor.apply_chat_template(conversation), return_tensors="pt")
+    text_only = tokenizer(tiny_processor.apply_chat_template([{"role": "user", "content": "Say yes."}]),
+                          return_tensors="pt")
+    plain = tokenizer("<image>a red circle\n", return_tensors="pt")  # stage 1: the only text is the caption
+    for encoded, expected in ((chat, QUESTION), (text_only, ""), (plain, "")):
+        mask = instruction_query_mask(encoded.input_ids[0], tokenizer)
+        assert tokenizer.decode(encoded.input_ids[0][mask]) == expected
+    batch = tokenizer([tiny_processor.apply_chat_template(conversation), "<image>a red circle\n"], padding=True,
+                      return_tensors="pt")
+    masks = instruction_query_mask(batch.input_ids, tokenizer, batch.attention_mask)
+    assert [tokenizer.decode(ids[mask]) for ids, mask in zip(batch.input_ids, masks)] == [QUESTION, ""]

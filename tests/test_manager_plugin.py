@@ -10,7 +10,7 @@ import torch
 from manager_plugin import AdaptiveManager, LayerManagers, ManagerConfig, StaticManager
 
 # LLaVA-OneVision-0.5B: SigLIP with 26 blocks (27 hidden states, main feature = the last), Qwen2 with 24 layers.
-OV_05B = dict(num_vision_hidden_states=27, main_vision_layer=-1, num_decoder_layers=24, hidden_size=896)
+OV_05B = {"num_vision_hidden_states": 27, "main_vision_layer": -1, "num_decoder_layers": 24, "hidden_size": 896}
 
 
 def test_defaults_resolve_to_the_paper_setting():
@@ -42,13 +42,13 @@ def test_config_json_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(manager_type="dynamic"), "unknown manager_type 'dynamic'"),
-        (dict(grid_type="tiles"), "unknown grid_type 'tiles'"),
-        (dict(vision_layers=[5, 3]), "strictly increasing"),
-        (dict(vision_layers=[-1, 3]), "non-negative"),
-        (dict(injection_layers=[]), "must not be empty"),
-        (dict(jitter=1.5), "jitter must be a number in [0, 1)"),
-        (dict(vision_layers=[3], injection_layers=[0, 2]), "at least 2 vision_layers"),
+        ({"manager_type": "dynamic"}, "unknown manager_type 'dynamic'"),
+        ({"grid_type": "tiles"}, "unknown grid_type 'tiles'"),
+        ({"vision_layers": [5, 3]}, "strictly increasing"),
+        ({"vision_layers": [-1, 3]}, "non-negative"),
+        ({"injection_layers": []}, "must not be empty"),
+        ({"jitter": 1.5}, "jitter must be a number in [0, 1)"),
+        ({"vision_layers": [3], "injection_layers": [0, 2]}, "at least 2 vision_layers"),
     ],
 )
 def test_invalid_configs_are_rejected_with_the_value(kwargs, message):

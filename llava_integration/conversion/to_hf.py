@@ -22,9 +22,9 @@ from transformers.image_utils import PILImageResampling
 from manager_plugin import LayerManagers, ManagerConfig
 
 from ..adapter import load_manager_weights, save_manager
+from ..chat_template import CHAT_TEMPLATE
 from ..features import SQUARE
 from ..patch import apply_manager, manager_of, resolve_manager_config
-from ..chat_template import CHAT_TEMPLATE
 from .checkpoint_io import check_destination, load_state_dict, read_json, staged_directory
 from .config_mapping import (
     check_projector,

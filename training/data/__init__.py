@@ -4,7 +4,6 @@ from .collator import IGNORE_INDEX, TrainingCollator, dummy_image
 from .dataset import ConversationDataset
 from .image_tokens import image_token_counts
 from .mixture import SAMPLING_STRATEGIES, read_data, read_mixture, sample_records
-from .query_mask import instruction_query_mask
 from .records import DataFileError, Record, read_records
 from .sampler import ModalityLengthGroupedSampler
 from .templates import TEMPLATES, ChatTemplate, Encoded, PlainTemplate, chatml_assistant_mask, get_template
@@ -30,7 +29,6 @@ __all__ = [
     "dummy_image",
     "get_template",
     "image_token_counts",
-    "instruction_query_mask",
     "read_data",
     "read_mixture",
     "read_records",

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .query_mask import instruction_query_mask
+from llava_integration.query import instruction_query_mask
+
 from .records import IMAGE_PLACEHOLDER, ROLES, Record
 
 _GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -102,7 +103,7 @@ class ChatTemplate:
         else:
             header = tokenizer(CHATML_ASSISTANT_HEADER, add_special_tokens=False)["input_ids"]
             target = chatml_assistant_mask(ids, header, tokenizer.convert_tokens_to_ids(CHATML_END))
-        query = instruction_query_mask(text, encoding["offset_mapping"], messages, processor.image_token)
+        query = instruction_query_mask(ids, tokenizer)
         return Encoded(text, ids, target, query)
 
     @staticmethod
