@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -11,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from manager_plugin import CONFIG_NAME, LayerManagers, ManagerConfig
+from manager_plugin.io import write_atomically
 
 from .patch import apply_manager, manager_of, remove_manager, resolve_manager_config
 
@@ -24,17 +23,6 @@ def _require_manager(model: nn.Module) -> LayerManagers:
     return managers
 
 
-def _write_atomically(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_manager(model: nn.Module, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the manager adapter of `model` to `directory`; `state_dict` overrides the weights (e.g. gathered ones)."""
     managers = _require_manager(model)
@@ -45,8 +33,8 @@ def save_manager(model: nn.Module, directory: str | Path, state_dict: dict[str, 
     if meta:
         raise ValueError(f"cannot save manager weights that live on the meta device: {meta}")
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
-    _write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    _write_atomically(directory / CONFIG_NAME, lambda path: Path(path).write_text(managers.config.to_json_string()))
+    write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_NAME, lambda path: Path(path).write_text(managers.config.to_json_string()))
     return directory
 
 

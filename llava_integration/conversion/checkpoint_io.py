@@ -1,20 +1,16 @@
-"""Reading checkpoint weights (safetensors or `.bin`, single or sharded) and writing a destination all-or-nothing."""
+"""Reading checkpoint weights: safetensors or `.bin`, single or sharded."""
 
 from __future__ import annotations
 
 import json
 import pickle
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from .errors import ConversionError
+from manager_plugin.io import ConversionError
 
 # In the order they are looked for: an index names the shards of a sharded checkpoint.
 WEIGHT_FILES = (
@@ -85,25 +81,3 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         if path.is_file():
             return _load_sharded(path) if name.endswith(".index.json") else _load_file(path)
     raise ConversionError(f"no weights in {directory}: expected one of {list(WEIGHT_FILES)}")
-
-
-def check_destination(destination: Path) -> None:
-    """Refuse a destination that already holds something, before any work is done."""
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise ConversionError(f"destination {destination} already exists and is not an empty directory")
-
-
-@contextmanager
-def staged_directory(destination: Path) -> Iterator[Path]:
-    """A temporary directory beside `destination`, renamed to it when the block succeeds and deleted when it fails."""
-    check_destination(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
-    try:
-        yield staging
-        if destination.exists():
-            destination.rmdir()  # checked empty above
-        staging.rename(destination)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)

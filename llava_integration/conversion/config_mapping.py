@@ -14,9 +14,9 @@ from typing import Any
 from transformers import Qwen2Config
 
 from manager_plugin import GRID_TYPES, MANAGER_TYPES, ManagerConfig
+from manager_plugin.io import ConversionError
 
 from ..features import SQUARE
-from .errors import ConversionError
 
 # model_type -> whether that class can run a manager (llava_qwen uses HF's plain Qwen2 decoder).
 MODEL_TYPES = {"llava_qwen": False, "llava_qwen_manager": True}

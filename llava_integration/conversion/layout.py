@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from manager_plugin import ManagerConfig
-
-from .errors import ConversionError
+from manager_plugin.io import ConversionError
 
 ORIGINAL_VISION = "model.vision_tower.vision_tower.vision_model."
 ORIGINAL_VISION_BLOCKS = ORIGINAL_VISION + "encoder.layers."

@@ -20,12 +20,13 @@ from transformers import (
 from transformers.image_utils import PILImageResampling
 
 from manager_plugin import LayerManagers, ManagerConfig
+from manager_plugin.io import ConversionError, check_destination, staged_directory
 
 from ..adapter import load_manager_weights, save_manager
 from ..chat_template import CHAT_TEMPLATE
 from ..features import SQUARE
 from ..patch import apply_manager, manager_of, resolve_manager_config
-from .checkpoint_io import check_destination, load_state_dict, read_json, staged_directory
+from .checkpoint_io import load_state_dict, read_json
 from .config_mapping import (
     check_projector,
     has_manager,
@@ -33,7 +34,6 @@ from .config_mapping import (
     manager_config_from_original,
     text_config_from_original,
 )
-from .errors import ConversionError
 from .layout import (
     ORIGINAL_EMBED,
     ORIGINAL_LM_HEAD,

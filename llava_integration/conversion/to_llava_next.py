@@ -11,11 +11,11 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from manager_plugin import CONFIG_NAME
+from manager_plugin.io import ConversionError, check_destination, staged_directory
 
 from ..features import SQUARE
 from ..loading import load_model
 from ..patch import manager_of
-from .checkpoint_io import check_destination, staged_directory
 from .config_mapping import (
     ARCHITECTURES,
     ORIGINAL_JITTER,
@@ -24,7 +24,6 @@ from .config_mapping import (
     original_manager_fields,
     original_text_fields,
 )
-from .errors import ConversionError
 from .layout import ORIGINAL_LM_HEAD, ORIGINAL_NEWLINE, Layout, adapter_to_manager, rename_to_original
 from .vision_tower import tower_name_for
 

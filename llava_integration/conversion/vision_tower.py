@@ -12,8 +12,9 @@ from typing import Any
 
 from transformers import SiglipVisionConfig
 
+from manager_plugin.io import ConversionError
+
 from .checkpoint_io import read_json
-from .errors import ConversionError
 
 # Full (untruncated) towers by the last part of their name, as LLaVA-NeXT's training scripts name them.
 KNOWN_TOWERS: dict[str, dict[str, Any]] = {

@@ -1,0 +1,733 @@
+"""The authors' ManagerTower / BridgeTower Lightning checkpoints -> HF: outputs equal the original formulas, round
+trips are lossless, bad checkpoints fail clearly and write nothing.
+
+Synthetic checkpoints are built in the original layout (keys, shapes, sacred config) by renaming a randomised tiny
+ManagerTower's weights with the inverse mapping written here; the reference forward below runs on the original
+state dict with the original code's formulas, in plain torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import (
+    AutoTokenizer,
+    BridgeTowerForImageAndTextRetrieval,
+    BridgeTowerForMaskedLM,
+    RobertaConfig,
+    RobertaModel,
+)
+
+from manager_plugin.managertower import TASK_HEADS, ManagerTowerConfig, ManagerTowerModel
+from manager_plugin.managertower.conversion import ConversionError, convert_lightning_checkpoint
+from manager_plugin.managertower.convert import main
+from manager_plugin.managertower.tiny import build_tokenizer
+
+VOCAB, WIDTH, HEADS, LAYERS, CROSS, MANAGED, IMAGE, PATCH = 100, 128, 2, 3, 2, 2, 32, 8
+BATCH, LENGTH = 3, 7
+V = "vit_model.visual."
+ORIGINAL_EPS = 1e-12  # BertConfig's default: the original cross-modal layers and MLM transform
+LN_EPS = 1e-5  # nn.LayerNorm's default: managers, link towers, CLIP, task heads
+# The converted model's cross-modal layers use its config's one layer_norm_eps (1e-5, as HF BridgeTower) where the
+# original's use 1e-12 (see conversion.py): outputs are compared exactly against the reference run with the
+# converted epsilon, and within EPSILON_TOL against the reference with the original one.
+EXACT_TOL = 2e-5
+EPSILON_TOL = 1e-3
+
+TASK_LOSSES = {
+    "pretrain": {"mlm": 1, "itm": 1},
+    "vqav2": {"vqa": 1},
+    "snli_ve": {"snli": 1},
+    "nlvr2": {"nlvr2": 1},
+    "retrieval": {"irtr_itm_itc": 1},
+    "base": {},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hparams(model_type: str = "MT", head: str = "pretrain", **overrides) -> dict:
+    """A sacred config as the authors' `src/config.py` (+ named configs) would give, for the tiny sizes."""
+    losses = dict.fromkeys(("itm", "mlm", "itc", "itm_itc", "irtr_itm_itc", "vqa", "nlvr2", "irtr", "snli"), 0)
+    losses.update(TASK_LOSSES[head])
+    config = {
+        "exp_name": model_type,
+        "seed": 0,
+        "datasets": ["vqa"],
+        "loss_names": losses,
+        "batch_size": 512,
+        "image_size": IMAGE,
+        "patch_size": PATCH,
+        "vqav2_label_size": 5,
+        "max_text_len": 40,
+        "tokenizer": "roberta-base",
+        "vocab_size": VOCAB,
+        "input_image_embed_size": WIDTH,
+        "input_text_embed_size": WIDTH,
+        "vit": "CLIP-ViT-B/16",
+        "hidden_size": WIDTH,
+        "num_heads": HEADS,
+        "num_layers": CROSS,
+        "mlp_ratio": 4,
+        "drop_rate": 0.1,
+        "learning_rate": 1e-5,
+        "load_path": "",
+        "model_type": model_type,
+        "vit_layernorm_shared": True,
+        "vit_remove_last": False,
+        "task_head_layers": 2,
+        "head_hidden_scale": 2,
+        "task_threshold": 0,
+        "nlvr2_drop_rate": 0.1,
+        "temperature": 0.07,
+        "contrastive_hidden_size": 16,
+    }
+    if model_type == "MT":
+        config.update(
+            manager_type="AAUE",
+            managed_layers_text=MANAGED,
+            managed_layers_image=MANAGED,
+            manager_learnable=True,
+            manager_weight_type="vector",
+            manager_softmax_temperature=1,
+            manager_softmax_temperature_learnable=True,
+        )
+    config.update(overrides)
+    return config
+
+
+def source_model(head: str, manager_type: str, weight_type: str = "vector", seed: int = 0):
+    """A tiny ManagerTower (or head) with every weight random, so a misplaced tensor shows in the outputs."""
+    config = ManagerTowerConfig(
+        hidden_size=WIDTH,
+        num_hidden_layers=CROSS,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * WIDTH,
+        num_token_types=3 if head == "nlvr2" else 2,
+        manager_type=manager_type,
+        num_managed_layers=CROSS if manager_type == "bridge" else MANAGED,
+        contrastive_hidden_size=16,
+        head_hidden_scale=2,
+        num_labels=5,
+        text_config={
+            "vocab_size": VOCAB,
+            "hidden_size": WIDTH,
+            "num_hidden_layers": LAYERS,
+            "num_attention_heads": WIDTH // 64,
+            "intermediate_size": 4 * WIDTH,
+            "max_position_embeddings": 40,
+            "type_vocab_size": 1,
+            "layer_norm_eps": LN_EPS,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": WIDTH,
+            "intermediate_size": 4 * WIDTH,
+            "num_hidden_layers": LAYERS,
+            "num_attention_heads": WIDTH // 64,
+            "image_size": IMAGE,
+            "patch_size": PATCH,
+            "hidden_act": "quick_gelu",
+        },
+    )
+    torch.manual_seed(seed)
+    model = (ManagerTowerModel if head == "base" else TASK_HEADS[head])(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if name.endswith("temperature"):
+                parameter.copy_(0.5 + noise.abs().clamp(max=1.5))
+            elif "layer_scores" in name or "previous_scale" in name:
+                if weight_type == "scalar":  # one score per expert, shared by every channel
+                    noise = noise[..., :1].expand_as(noise)
+                parameter.copy_(noise)
+            elif parameter.dim() == 1 and "norm" in name.lower() and name.endswith("weight"):
+                parameter.copy_(1 + 0.2 * noise)
+            elif parameter.dim() == 1:
+                parameter.copy_(0.1 * noise)
+            else:
+                parameter.copy_(noise / math.sqrt(parameter[0].numel()))
+    return model
+
+
+def to_original(model, model_type: str, weight_type: str = "vector", itc_prefix: str = "cross_modal_itc") -> dict:
+    """The state dict the authors' code would hold for `model`: the inverse of the conversion, written apart."""
+    config = model.config
+    n, hidden = config.num_managed_layers, config.hidden_size
+    generator = torch.Generator().manual_seed(1)
+    state = {name.removeprefix("managertower."): tensor for name, tensor in model.state_dict().items()}
+    original = {
+        # Tensors the original holds and ManagerTower does not: RoBERTa's pooler, CLIP's text-tower leftovers.
+        "text_transformer.pooler.dense.weight": torch.randn(WIDTH, WIDTH, generator=generator),
+        "text_transformer.pooler.dense.bias": torch.randn(WIDTH, generator=generator),
+        "vit_model.positional_embedding": torch.randn(16, 64, generator=generator),
+        "vit_model.ln_final.weight": torch.ones(64),
+        "vit_model.ln_final.bias": torch.zeros(64),
+        "temperature": torch.tensor(0.07),  # built by every original model, trained only with ITC
+    }
+    vision = {
+        "embeddings.class_embedding": "class_embedding",
+        "embeddings.patch_embedding.weight": "conv1.weight",
+        "embeddings.position_embedding.weight": "positional_embedding",
+        "pre_layrnorm.weight": "ln_pre.weight",
+        "pre_layrnorm.bias": "ln_pre.bias",
+        "post_layernorm.weight": "ln_post.weight",
+        "post_layernorm.bias": "ln_post.bias",
+    }
+    block = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2"}
+    block.update({"mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"})
+    for name, tensor in state.items():
+        if name.startswith("text_model."):
+            original["text_transformer." + name.removeprefix("text_model.")] = tensor
+        elif name.startswith("vision_model."):
+            short = name.removeprefix("vision_model.")
+            if short in vision:
+                original[V + vision[short]] = tensor
+                continue
+            parts = short.split(".")  # encoder.layers.{i}.{module...}.{weight|bias}
+            layer, module, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                if module.endswith("q_proj"):
+                    fused = [state[f"vision_model.encoder.layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                    original[f"{V}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(fused)
+            else:
+                original[f"{V}transformer.resblocks.{layer}.{block[module]}.{kind}"] = tensor
+        elif name.endswith("_layer_embedding.weight"):
+            modality = name.split("_")[0]
+            unused = torch.randn(LAYERS - n, hidden, generator=generator)  # rows of the unmanaged layers
+            original[f"layer_embeddings_{modality}.weight"] = torch.cat([unused, tensor])
+        elif name.startswith("cross_modal_itc_"):
+            modality, kind = name.split("_")[3], name.split(".")[-1]
+            original[f"{itc_prefix}_{modality}_head.fc.{kind}"] = tensor
+        elif name == "itc_temperature":
+            original["temperature"] = tensor
+        elif "_managers." not in name:
+            original[name] = tensor
+    for modality in ("text", "image"):
+        for layer in range(config.num_hidden_layers):
+            ours = f"cross_modal_{modality}_managers.{layer}."
+            if model_type == "BT":
+                target = (
+                    f"cross_modal_{modality}_layernorm."
+                    if layer == 0
+                    else f"cross_modal_{modality}_link_tower.{layer - 1}.LayerNorm."
+                )
+                for kind in ("weight", "bias"):
+                    original[target + kind] = state[f"{ours}norm.{kind}"]
+                continue
+            theirs = f"cross_modal_{modality}_manager_tower.{layer}.manager_layer."
+            for expert in range(n):
+                for kind in ("weight", "bias"):
+                    original[f"{theirs}LayerNorm.{expert}.{kind}"] = state[f"{ours}expert_norm.{kind}"][expert]
+            if layer > 0:
+                for kind in ("weight", "bias"):
+                    original[f"{theirs}LayerNorm.{n}.{kind}"] = state[f"{ours}previous_norm.{kind}"]
+            original[theirs + "softmax_temperature"] = state[ours + "temperature"]
+            original[theirs + "softmax_temperature_cross"] = torch.ones(1)
+            width = 1 if weight_type == "scalar" else hidden
+            if config.manager_type == "AAUE" and layer > 0:
+                original[theirs + "layer_scores_cross"] = state[ours + "previous_scale"][:width].reshape(1, 1, 1, width)
+                original[theirs + "linear_controller.weight"] = state[ours + "controller.weight"]
+                original[theirs + "linear_controller.bias"] = state[ours + "controller.bias"]
+                for part in ("q", "k"):
+                    for kind in ("weight", "bias"):
+                        original[f"{theirs}fusion_attention.{part}_proj.{kind}"] = state[
+                            f"{ours}query_attention.{part}_proj.{kind}"
+                        ]
+                for kind in ("weight", "bias"):
+                    original[f"{theirs}extra_query_LayerNorm.{kind}"] = state[f"{ours}query_norm.{kind}"]
+            else:
+                rows = [state[ours + "layer_scores"]]
+                if layer > 0:
+                    rows.append(state[ours + "previous_scale"][None])
+                original[theirs + "layer_scores"] = torch.cat(rows)[:, :width][None, :, None, :]
+    return {name: tensor.clone() for name, tensor in original.items()}
+
+
+def save_checkpoint(path, state_dict: dict, config: dict | None) -> None:
+    """A Lightning-style checkpoint, as `ModelCheckpoint` writes it."""
+    checkpoint = {"epoch": 3, "global_step": 120, "pytorch-lightning_version": "1.5.10", "state_dict": state_dict}
+    if config is not None:
+        checkpoint["hyper_parameters"] = {"config": config}
+    torch.save(checkpoint, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference: the original forward on the original state dict, in plain torch.
+
+
+def _linear(sd, prefix, x):
+    return F.linear(x, sd[prefix + ".weight"], sd[prefix + ".bias"])
+
+
+def _norm(sd, prefix, x, eps=LN_EPS):
+    return F.layer_norm(x, x.shape[-1:], sd[prefix + ".weight"], sd[prefix + ".bias"], eps)
+
+
+def _heads(x, num_heads):
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def _bert_attention(sd, prefix, x, context, mask, eps):
+    q, k, v = (
+        _heads(_linear(sd, f"{prefix}self.{n}", y), HEADS)
+        for n, y in (("query", x), ("key", context), ("value", context))
+    )
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask
+    out = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+    return _norm(sd, prefix + "output.LayerNorm", _linear(sd, prefix + "output.dense", out) + x, eps)
+
+
+def _cross_layer(sd, prefix, x, other, mask, other_mask, eps):
+    """The original `BertCrossLayer`: self-attention, cross-attention, feed-forward, each post-LayerNorm."""
+    x = _bert_attention(sd, prefix + "attention.", x, x, mask, eps)
+    x = _bert_attention(sd, prefix + "crossattention.", x, other, other_mask, eps)
+    hidden = F.gelu(_linear(sd, prefix + "intermediate.dense", x))
+    return _norm(sd, prefix + "output.LayerNorm", _linear(sd, prefix + "output.dense", hidden) + x, eps)
+
+
+def _text_layers(sd, input_ids, attention_mask):
+    """The original text encoder is HF's RobertaModel (`from_pretrained`): every layer's output."""
+    config = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=WIDTH // 64,
+        intermediate_size=4 * WIDTH,
+        max_position_embeddings=40,
+        type_vocab_size=1,
+        layer_norm_eps=LN_EPS,
+    )
+    roberta = RobertaModel(config).eval()
+    roberta.load_state_dict({k.removeprefix("text_transformer."): t for k, t in sd.items() if k.startswith("text_")})
+    return list(roberta(input_ids, attention_mask, output_hidden_states=True).hidden_states[1:])
+
+
+def _image_layers(sd, pixel_values):
+    """The original CLIP ViT (`clip_model.VisualTransformer`): every block's output after the shared `ln_post`."""
+    x = F.conv2d(pixel_values, sd[V + "conv1.weight"], stride=PATCH).flatten(2).transpose(1, 2)
+    x = torch.cat([sd[V + "class_embedding"].expand(x.shape[0], 1, -1), x], dim=1) + sd[V + "positional_embedding"]
+    x = _norm(sd, V + "ln_pre", x)
+    outputs = []
+    for layer in range(LAYERS):
+        block = f"{V}transformer.resblocks.{layer}."
+        h = _norm(sd, block + "ln_1", x)
+        q, k, v = (
+            _heads(t, WIDTH // 64)
+            for t in F.linear(h, sd[block + "attn.in_proj_weight"], sd[block + "attn.in_proj_bias"]).chunk(3, -1)
+        )
+        attended = ((q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v).transpose(1, 2).flatten(2)
+        x = x + _linear(sd, block + "attn.out_proj", attended)
+        h = _linear(sd, block + "mlp.c_fc", _norm(sd, block + "ln_2", x))
+        x = x + _linear(sd, block + "mlp.c_proj", h * torch.sigmoid(1.702 * h))
+        outputs.append(_norm(sd, V + "ln_post", x))
+    return outputs
+
+
+def _saue(sd, prefix, experts, previous=None):
+    """SAUE: experts (B, N, L, D); softmax over the first N scores, the previous output's score used as is."""
+    n = experts.shape[1]
+    reps = torch.stack([_norm(sd, f"{prefix}LayerNorm.{i}", experts[:, i]) for i in range(n)], dim=1)
+    if previous is not None:
+        reps = torch.cat([reps, _norm(sd, f"{prefix}LayerNorm.{n}", previous)[:, None]], dim=1)
+    scores = sd[prefix + "layer_scores"]
+    weights = torch.cat([torch.softmax(scores[:, :n] / sd[prefix + "softmax_temperature"], dim=1), scores[:, n:]], 1)
+    return (weights * reps).sum(dim=1)
+
+
+def _aaue(sd, prefix, experts, previous, other):
+    """AAUE: per-token scores from [attention of LN(previous) over LN(other) ; LN(previous)]."""
+    n = experts.shape[1]
+    reps = torch.stack([_norm(sd, f"{prefix}LayerNorm.{i}", experts[:, i]) for i in range(n)], dim=1)
+    state = _norm(sd, f"{prefix}LayerNorm.{n}", previous)
+    query = _norm(sd, prefix + "extra_query_LayerNorm", other)
+    q = _linear(sd, prefix + "fusion_attention.q_proj", state)
+    k = _linear(sd, prefix + "fusion_attention.k_proj", query)
+    readout = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(WIDTH), dim=-1) @ query  # one head, no value projection
+    logits = _linear(sd, prefix + "linear_controller", torch.cat([readout, state], dim=-1))  # (B, L, N)
+    weights = torch.softmax(logits.transpose(1, 2)[..., None] / sd[prefix + "softmax_temperature"], dim=1)
+    return (weights * reps).sum(dim=1) + sd[prefix + "layer_scores_cross"][:, 0] * state
+
+
+def reference(sd, config, input_ids, attention_mask, pixel_values, image_type=1, previous=None, eps=ORIGINAL_EPS):
+    """The original forward; `previous` (per layer, (text, image)) replaces the reference's own previous cross-modal
+    outputs when given, to check the managers alone; `eps` is the cross-modal layers' LayerNorm epsilon."""
+    bridge = config["model_type"] == "BT"
+    n = CROSS if bridge else config["managed_layers_text"]
+    text_layers = _text_layers(sd, input_ids, attention_mask)
+    image_layers = _image_layers(sd, pixel_values)
+    text = _linear(sd, "cross_modal_text_transform", torch.stack(text_layers[-n:], dim=1))
+    image = _linear(sd, "cross_modal_image_transform", torch.stack(image_layers[-n:], dim=1))
+    text = text + sd["token_type_embeddings.weight"][0]
+    image = image + sd["token_type_embeddings.weight"][image_type]
+    if not bridge:
+        text = text + sd["layer_embeddings_text.weight"][-n:, None]
+        image = image + sd["layer_embeddings_image.weight"][-n:, None]
+    text_mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    image_mask = torch.zeros(1)
+    inputs, outputs = [], []
+    x = y = None
+    for layer in range(CROSS):
+        if previous is not None and layer > 0:
+            x, y = previous[layer - 1]
+        if bridge:
+            prefix = "cross_modal_{}_layernorm" if layer == 0 else f"cross_modal_{{}}_link_tower.{layer - 1}.LayerNorm"
+            x_in = _norm(sd, prefix.format("text"), text[:, layer] + (0 if x is None else x))
+            y_in = _norm(sd, prefix.format("image"), image[:, layer] + (0 if y is None else y))
+        else:
+            text_prefix = f"cross_modal_text_manager_tower.{layer}.manager_layer."
+            image_prefix = f"cross_modal_image_manager_tower.{layer}.manager_layer."
+            if layer > 0 and config["manager_type"] == "AAUE":
+                x_in, y_in = _aaue(sd, text_prefix, text, x, y), _aaue(sd, image_prefix, image, y, x)
+            else:
+                x_in, y_in = _saue(sd, text_prefix, text, x), _saue(sd, image_prefix, image, y)
+        inputs.append((x_in, y_in))
+        x = _cross_layer(sd, f"cross_modal_text_layers.{layer}.", x_in, y_in, text_mask, image_mask, eps)
+        y = _cross_layer(sd, f"cross_modal_image_layers.{layer}.", y_in, x_in, image_mask, text_mask, eps)
+        outputs.append((x, y))
+    text_pooled = torch.tanh(_linear(sd, "cross_modal_text_pooler.dense", x[:, 0]))
+    image_pooled = torch.tanh(_linear(sd, "cross_modal_image_pooler.dense", y[:, 0]))
+    pooled = torch.cat([text_pooled, image_pooled], dim=-1)
+    return {"inputs": inputs, "outputs": outputs, "pooled": pooled, "text": text_layers[-1], "image": image_layers[-1]}
+
+
+def _classifier(sd, prefix, x):
+    hidden = F.gelu(_norm(sd, prefix + ".1", _linear(sd, prefix + ".0", x)))
+    return _linear(sd, prefix + ".3", hidden)
+
+
+def reference_mlm(sd, text_features, eps=ORIGINAL_EPS):
+    hidden = F.gelu(_linear(sd, "mlm_score.transform.dense", text_features))
+    hidden = _norm(sd, "mlm_score.transform.LayerNorm", hidden, eps)
+    return hidden @ sd["mlm_score.decoder.weight"].T + sd["mlm_score.bias"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixtures: synthetic original checkpoints and their conversions.
+
+
+@pytest.fixture(scope="module")
+def batch():
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, VOCAB, (BATCH, LENGTH), generator=generator)
+    input_ids[:, 0] = 0
+    attention_mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    attention_mask[1, 4:] = 0
+    input_ids[1, 4:] = 1  # RoBERTa's pad id
+    pixel_values = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=generator)
+    return input_ids, attention_mask, pixel_values
+
+
+CASES = {
+    # name: (model_type, manager_type, weight_type, head)
+    "AAUE-pretrain": ("MT", "AAUE", "vector", "pretrain"),
+    "SAUE-scalar-pretrain": ("MT", "SAUE", "scalar", "pretrain"),
+    "AAUE-vqav2": ("MT", "AAUE", "vector", "vqav2"),
+    "SAUE-snli_ve": ("MT", "SAUE", "vector", "snli_ve"),
+    "AAUE-nlvr2": ("MT", "AAUE", "vector", "nlvr2"),
+    "AAUE-retrieval": ("MT", "AAUE", "vector", "retrieval"),
+    "BT-pretrain": ("BT", "bridge", "vector", "pretrain"),
+    "BT-retrieval": ("BT", "bridge", "vector", "retrieval"),
+}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Per case (built once): the source model, the original state dict and config, the converted directory."""
+    cache: dict[str, dict] = {}
+
+    def build(case: str) -> dict:
+        if case not in cache:
+            model_type, manager_type, weight_type, head = CASES[case]
+            model = source_model(head, manager_type, weight_type, seed=len(cache))
+            # BridgeTower's own repository names its ITC heads `itc_*_head`; ManagerTower's `cross_modal_itc_*`.
+            itc = "itc" if model_type == "BT" else "cross_modal_itc"
+            state = to_original(model, model_type, weight_type, itc_prefix=itc)
+            overrides = {"manager_type": manager_type, "manager_weight_type": weight_type} if model_type == "MT" else {}
+            config = hparams(model_type, head, **overrides)
+            root = tmp_path_factory.mktemp(case)
+            save_checkpoint(root / "original.ckpt", state, config)
+            result = convert_lightning_checkpoint(root / "original.ckpt", root / "hf")
+            cache[case] = {"model": model, "state": state, "config": config, "root": root, "result": result}
+        return cache[case]
+
+    return build
+
+
+def _converted_model(case: dict):
+    return type(case["model"]).from_pretrained(case["root"] / "hf").eval()
+
+
+def _record_cross_layers(model):
+    """Hooks recording the input and output of every cross-modal layer: (text, image) per layer."""
+    inputs: dict[tuple[str, int], torch.Tensor] = {}
+    outputs: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    for modality in ("text", "image"):
+        for index, layer in enumerate(getattr(model, f"cross_modal_{modality}_layers")):
+
+            def pre(module, args, kwargs, key=(modality, index)):
+                inputs[key] = args[0]
+
+            def post(module, args, kwargs, output, key=(modality, index)):
+                outputs[key] = output[0]
+
+            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(layer.register_forward_hook(post, with_kwargs=True))
+    return inputs, outputs, handles
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tests
+
+
+@pytest.mark.parametrize("case_name", ["AAUE-pretrain", "SAUE-scalar-pretrain", "BT-pretrain"])
+def test_converted_managers_and_heads_equal_the_original_formulas(converted, batch, case_name):
+    case = converted(case_name)
+    sd, config = case["state"], case["config"]
+    assert case["result"].architecture == "ManagerTowerForPreTraining"  # chosen from the loss names mlm + itm
+    model = _converted_model(case)
+    base = model.managertower
+    assert base.config.manager_type == (config["manager_type"] if config["model_type"] == "MT" else "bridge")
+    assert base.config.manager_query_mask is False
+    eps = base.config.layer_norm_eps
+    input_ids, attention_mask, pixel_values = batch
+    inputs, outputs, handles = _record_cross_layers(base)
+    with torch.no_grad():
+        fused = base(input_ids, attention_mask, pixel_values)
+        mlm_logits = model.mlm_score(fused.text_features)
+        itm_logits = model.itm_score(fused.pooler_output)
+        got = [(outputs[("text", layer)], outputs[("image", layer)]) for layer in range(CROSS)]
+        # The managers alone: the original formulas on the encoders' states and the converted previous outputs.
+        managers = reference(sd, config, input_ids, attention_mask, pixel_values, previous=got)
+        full = reference(sd, config, input_ids, attention_mask, pixel_values, eps=eps)
+        original = reference(sd, config, input_ids, attention_mask, pixel_values)
+    for handle in handles:
+        handle.remove()
+    for layer in range(CROSS):
+        for index, modality in enumerate(("text", "image")):
+            expected = managers["inputs"][layer][index]
+            torch.testing.assert_close(inputs[(modality, layer)], expected, atol=EXACT_TOL, rtol=EXACT_TOL)
+    for run, tolerance in ((full, EXACT_TOL), (original, EPSILON_TOL)):
+        torch.testing.assert_close(fused.pooler_output, run["pooled"], atol=tolerance, rtol=tolerance)
+        expected_mlm = reference_mlm(sd, run["outputs"][-1][0], eps=eps if run is full else ORIGINAL_EPS)
+        torch.testing.assert_close(mlm_logits, expected_mlm, atol=tolerance, rtol=tolerance)
+        expected_itm = _linear(sd, "itm_score.fc", run["pooled"])
+        torch.testing.assert_close(itm_logits, expected_itm, atol=tolerance, rtol=tolerance)
+    assert not torch.allclose(itm_logits[0], itm_logits[1], atol=1e-3)  # random weights: the samples differ
+
+
+@pytest.mark.parametrize("case_name", ["AAUE-vqav2", "SAUE-snli_ve", "AAUE-nlvr2", "AAUE-retrieval", "BT-retrieval"])
+def test_converted_task_heads_equal_the_original(converted, batch, case_name):
+    case = converted(case_name)
+    head = CASES[case_name][3]
+    assert case["result"].architecture == TASK_HEADS[head].__name__  # chosen from the checkpoint's loss names
+    model = _converted_model(case)
+    sd, config, eps = case["state"], case["config"], model.config.layer_norm_eps
+    input_ids, attention_mask, pixel_values = batch
+    with torch.no_grad():
+        if head == "nlvr2":
+            assert model.config.num_token_types == 3
+            pair = torch.stack([pixel_values, pixel_values.flip(0)], dim=1)
+            logits = model(input_ids, attention_mask, pair).logits
+            pooled = [
+                reference(sd, config, input_ids, attention_mask, pair[:, i], image_type=i + 1, eps=eps)["pooled"]
+                for i in range(2)
+            ]
+            expected = _classifier(sd, "nlvr2_classifier", torch.cat(pooled, dim=-1))
+        elif head == "retrieval":
+            text = model.managertower.encode_text(input_ids, attention_mask)
+            image = model.managertower.encode_image(pixel_values)
+            embeddings = (model.text_embeddings(text), model.image_embeddings(image))
+            logits = torch.cat([*embeddings, model.itm_logits(text, image)], dim=-1)
+            full = reference(sd, config, input_ids, attention_mask, pixel_values, eps=eps)
+            itc = "itc" if config["model_type"] == "BT" else "cross_modal_itc"
+            expected = torch.cat([
+                F.normalize(_linear(sd, f"{itc}_text_head.fc", full["text"][:, 0]), dim=-1),
+                F.normalize(_linear(sd, f"{itc}_image_head.fc", full["image"][:, 0]), dim=-1),
+                _linear(sd, "itm_score.fc", full["pooled"]),
+            ], dim=-1)  # fmt: skip
+            assert model.itc_temperature.item() == pytest.approx(sd["temperature"].item())
+        else:
+            logits = model(input_ids, attention_mask, pixel_values).logits
+            pooled = reference(sd, config, input_ids, attention_mask, pixel_values, eps=eps)["pooled"]
+            expected = _classifier(sd, {"vqav2": "vqa_classifier", "snli_ve": "snli_classifier"}[head], pooled)
+    torch.testing.assert_close(logits, expected, atol=EXACT_TOL, rtol=EXACT_TOL)
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_round_trip_through_the_original_layout_is_lossless(converted, case_name):
+    case = converted(case_name)
+    saved = load_file(case["root"] / "hf" / "model.safetensors")
+    source = case["model"].state_dict()
+    assert saved.keys() == source.keys()
+    for name, tensor in source.items():
+        assert torch.equal(saved[name], tensor), name
+    # What the original holds and the model does not: CLIP text-tower leftovers, RoBERTa's pooler, unused heads.
+    dropped = set(case["result"].dropped)
+    assert {
+        "vit_model.positional_embedding",
+        "vit_model.ln_final.weight",
+        "text_transformer.pooler.dense.weight",
+    } <= dropped
+    assert ("temperature" in dropped) == (CASES[case_name][3] != "retrieval")
+    assert dropped <= set(case["state"])
+
+
+def test_converted_directory_loads_with_hf_tools(converted):
+    case = converted("AAUE-pretrain")
+    head, info = TASK_HEADS["pretrain"].from_pretrained(case["root"] / "hf", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    base = ManagerTowerModel.from_pretrained(case["root"] / "hf")  # the fine-tuning recipes' `init_from`
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(tensor, head.managertower.state_dict()[name]), name
+    assert base.config.num_managed_layers == MANAGED and base.config.text_config.num_attention_heads == WIDTH // 64
+
+
+def test_bridgetower_converts_to_hf_bridgetower(converted, batch, tmp_path):
+    case = converted("BT-pretrain")
+    result = convert_lightning_checkpoint(
+        case["root"] / "original.ckpt", tmp_path / "hf", output_format="hf-bridgetower"
+    )
+    assert result.architecture == "BridgeTowerForMaskedLM"
+    assert "text_transformer.pooler.dense.weight" not in result.dropped  # HF BridgeTower keeps RoBERTa's pooler
+    input_ids, attention_mask, pixel_values = batch
+    mlm, mlm_info = BridgeTowerForMaskedLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    itm, itm_info = BridgeTowerForImageAndTextRetrieval.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not mlm_info["missing_keys"] and not itm_info["missing_keys"]  # both heads live in the one directory
+    eps = mlm.config.layer_norm_eps
+    with torch.no_grad():
+        full = reference(case["state"], case["config"], input_ids, attention_mask, pixel_values, eps=eps)
+        mlm_logits = mlm.eval()(input_ids, attention_mask, pixel_values=pixel_values).logits
+        itm_logits = itm.eval()(input_ids, attention_mask, pixel_values=pixel_values).logits
+    tolerance = {"atol": EXACT_TOL, "rtol": EXACT_TOL}
+    torch.testing.assert_close(mlm_logits, reference_mlm(case["state"], full["outputs"][-1][0], eps), **tolerance)
+    torch.testing.assert_close(itm_logits, _linear(case["state"], "itm_score.fc", full["pooled"]), **tolerance)
+
+
+def test_position_embeddings_resize_to_a_requested_image_size(converted, batch, tmp_path):
+    case = converted("AAUE-pretrain")
+    result = convert_lightning_checkpoint(case["root"] / "original.ckpt", tmp_path / "hf", head="base", image_size=48)
+    assert {"mlm_score.bias", "itm_score.fc.weight"} <= set(result.dropped)  # --head base drops every head
+    model = ManagerTowerModel.from_pretrained(tmp_path / "hf")
+    assert model.config.vision_config.image_size == 48
+    original = case["state"][V + "positional_embedding"]
+    grid = original[1:].reshape(1, IMAGE // PATCH, IMAGE // PATCH, WIDTH).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(0, 2)
+    expected = torch.cat([original[:1], resized])
+    torch.testing.assert_close(model.vision_model.embeddings.position_embedding.weight, expected, atol=1e-6, rtol=0)
+    input_ids, attention_mask, _ = batch
+    with torch.no_grad():
+        assert model(input_ids, attention_mask, torch.randn(BATCH, 3, 48, 48)).image_features.shape[1] == 37
+
+
+def test_command_line_converts_and_reports_what_it_drops(converted, tmp_path, capsys):
+    case = converted("AAUE-vqav2")
+    tokenizer_dir = tmp_path / "tokenizer"
+    build_tokenizer().save_pretrained(tokenizer_dir)
+    main([str(case["root"] / "original.ckpt"), str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir)])
+    printed = capsys.readouterr().out
+    assert "ManagerTowerForVisualQuestionAnswering" in printed and "vit_model.ln_final.weight" in printed
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == build_tokenizer().get_vocab()
+    assert ManagerTowerConfig.from_pretrained(tmp_path / "out").num_labels == 5  # the hparams' vqav2_label_size
+    with pytest.raises(SystemExit, match="convert: error: destination .* already exists"):
+        main([str(case["root"] / "original.ckpt"), str(tmp_path / "out")])
+
+
+def test_a_checkpoint_without_hyper_parameters_converts_with_them_given(converted, tmp_path):
+    case = converted("SAUE-snli_ve")
+    save_checkpoint(tmp_path / "bare.ckpt", case["state"], None)
+    with pytest.raises(ConversionError, match="no hyper_parameters .* --hparams"):
+        convert_lightning_checkpoint(tmp_path / "bare.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "config.json").write_text(json.dumps({"config": case["config"]}))
+    result = convert_lightning_checkpoint(tmp_path / "bare.ckpt", tmp_path / "out", hparams=tmp_path / "config.json")
+    assert result.architecture == "ManagerTowerForVisualEntailment"
+
+
+class Arbitrary:
+    """Unpickling this needs code from this module: weights_only loading must refuse it."""
+
+
+def _bad(case: dict, what: str) -> tuple[dict | None, dict | None, dict]:
+    """(state dict, config, convert kwargs) for a bad checkpoint; None state = a file that is not a checkpoint."""
+    state, config = dict(case["state"]), dict(case["config"])
+    kwargs: dict = {}
+    if what == "unknown model type":
+        config["model_type"] = "METER"
+    elif what == "unknown manager type":
+        config["manager_type"] = "XAUE"
+    elif what == "unknown loss name":
+        config["loss_names"] = {**config["loss_names"], "caption": 1}
+    elif what == "missing tensor":
+        del state["cross_modal_image_manager_tower.1.manager_layer.linear_controller.weight"]
+    elif what == "shape that does not fit":
+        state["cross_modal_text_transform.weight"] = state["cross_modal_text_transform.weight"][:, :64]
+    elif what == "hparams that do not fit the weights":
+        config.update(managed_layers_text=3, managed_layers_image=3)
+    elif what == "unexpected tensor":
+        state["cross_modal_text_link_tower.0.LayerNorm.weight"] = torch.ones(WIDTH)
+    elif what == "bert text encoder":
+        config["tokenizer"] = "bert-base-uncased"
+    elif what == "separate vit layernorms":
+        config["vit_layernorm_shared"] = False
+    elif what == "several tasks":
+        config["loss_names"] = {**config["loss_names"], "snli": 1}
+    elif what == "arbitrary code":
+        config["load_path"] = Arbitrary()
+    elif what == "not a checkpoint":
+        state = None
+    elif what == "hf-bridgetower of a ManagerTower":
+        kwargs["output_format"] = "hf-bridgetower"
+    return state, config, kwargs
+
+
+BAD = {
+    "unknown model type": "model_type 'METER' cannot be converted",
+    "unknown manager type": "unknown manager_type 'XAUE'",
+    "unknown loss name": r"unknown loss names \['caption'\]",
+    "missing tensor": r"missing tensors .*linear_controller\.weight",
+    "shape that does not fit": r"cross_modal_text_transform\.weight gives .* of shape \(128, 64\).* needs \(128, 128\)",
+    "hparams that do not fit the weights": r"layer_scores has shape \(1, 2, 1, 128\), expected \(1, 3, 1, 128\)",
+    "unexpected tensor": r"unexpected tensors .*cross_modal_text_link_tower\.0\.LayerNorm\.weight",
+    "bert text encoder": "only RoBERTa text encoders convert",
+    "separate vit layernorms": "vit_layernorm_shared=False has no ManagerTower equivalent",
+    "several tasks": r"several tasks .* choose one with --head",
+    "arbitrary code": "would need arbitrary code to load",
+    "not a checkpoint": "is not a PyTorch checkpoint",
+    "hf-bridgetower of a ManagerTower": "takes BridgeTower checkpoints",
+}
+
+
+@pytest.mark.parametrize("what", list(BAD))
+def test_bad_checkpoints_fail_clearly_and_write_nothing(converted, tmp_path, what):
+    state, config, kwargs = _bad(converted("AAUE-vqav2"), what)
+    path = tmp_path / "bad.ckpt"
+    if state is None:
+        path.write_bytes(b"this is not a checkpoint")
+    else:
+        save_checkpoint(path, state, config)
+    with pytest.raises(ConversionError, match=BAD[what]):
+        convert_lightning_checkpoint(path, tmp_path / "out", **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt"]  # no destination, no staging leftovers
+
+
+def test_hf_bridgetower_has_no_task_classifier_heads(converted, tmp_path):
+    case = converted("BT-pretrain")
+    with pytest.raises(ConversionError, match="HF BridgeTower has no 'vqav2' head"):
+        convert_lightning_checkpoint(
+            case["root"] / "original.ckpt", tmp_path / "out", head="vqav2", output_format="hf-bridgetower"
+        )
+    assert not (tmp_path / "out").exists()
