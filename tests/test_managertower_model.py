@@ -317,3 +317,11 @@ def test_from_unimodal_pretrained_loads_encoders_and_resizes_positions(tmp_path)
     with torch.no_grad():
         output = model(*_text_batch(2, 5, [5, 3]), torch.randn(2, 3, 48, 48))
     assert output.image_features.shape == (2, 37, 32)
+
+
+def test_partial_sub_configs_keep_the_base_defaults(tmp_path):
+    config = ManagerTowerConfig(vision_config={"image_size": 576}, text_config={"num_hidden_layers": 12})
+    assert (config.vision_config.image_size, config.vision_config.patch_size) == (576, 16)
+    assert config.vision_config.hidden_act == "quick_gelu" and config.text_config.vocab_size == 50265
+    config.save_pretrained(tmp_path)
+    assert ManagerTowerConfig.from_pretrained(tmp_path).vision_config.to_dict() == config.vision_config.to_dict()

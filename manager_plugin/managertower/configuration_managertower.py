@@ -90,6 +90,11 @@ class ManagerTowerConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
 
     def __post_init__(self, **kwargs):
+        # A partial dict changes only the fields it names: {"image_size": 576} keeps CLIP-B/16's patch size.
+        if isinstance(self.text_config, dict):
+            self.text_config = {**ROBERTA_BASE, **self.text_config}
+        if isinstance(self.vision_config, dict):
+            self.vision_config = {**CLIP_VIT_B16_288, **self.vision_config}
         if self.num_managed_layers is None:
             self.num_managed_layers = self.num_hidden_layers
         super().__post_init__(**kwargs)
