@@ -33,11 +33,7 @@ BATCH, LENGTH = 3, 7
 V = "vit_model.visual."
 ORIGINAL_EPS = 1e-12  # BertConfig's default: the original cross-modal layers and MLM transform
 LN_EPS = 1e-5  # nn.LayerNorm's default: managers, link towers, CLIP, task heads
-# The converted model's cross-modal layers use its config's one layer_norm_eps (1e-5, as HF BridgeTower) where the
-# original's use 1e-12 (see conversion.py): outputs are compared exactly against the reference run with the
-# converted epsilon, and within EPSILON_TOL against the reference with the original one.
 EXACT_TOL = 2e-5
-EPSILON_TOL = 1e-3
 
 TASK_LOSSES = {
     "pretrain": {"mlm": 1, "itm": 1},
@@ -502,7 +498,7 @@ def test_converted_managers_and_heads_equal_the_original_formulas(converted, bat
     base = model.managertower
     assert base.config.manager_type == (config["manager_type"] if config["model_type"] == "MT" else "bridge")
     assert base.config.manager_query_mask is False
-    eps = base.config.layer_norm_eps
+    assert base.config.cross_modal_layer_norm_eps == ORIGINAL_EPS
     input_ids, attention_mask, pixel_values = batch
     inputs, outputs, handles = _record_cross_layers(base)
     with torch.no_grad():
@@ -512,7 +508,6 @@ def test_converted_managers_and_heads_equal_the_original_formulas(converted, bat
         got = [(outputs[("text", layer)], outputs[("image", layer)]) for layer in range(CROSS)]
         # The managers alone: the original formulas on the encoders' states and the converted previous outputs.
         managers = reference(sd, config, input_ids, attention_mask, pixel_values, previous=got)
-        full = reference(sd, config, input_ids, attention_mask, pixel_values, eps=eps)
         original = reference(sd, config, input_ids, attention_mask, pixel_values)
     for handle in handles:
         handle.remove()
@@ -520,12 +515,11 @@ def test_converted_managers_and_heads_equal_the_original_formulas(converted, bat
         for index, modality in enumerate(("text", "image")):
             expected = managers["inputs"][layer][index]
             torch.testing.assert_close(inputs[(modality, layer)], expected, atol=EXACT_TOL, rtol=EXACT_TOL)
-    for run, tolerance in ((full, EXACT_TOL), (original, EPSILON_TOL)):
-        torch.testing.assert_close(fused.pooler_output, run["pooled"], atol=tolerance, rtol=tolerance)
-        expected_mlm = reference_mlm(sd, run["outputs"][-1][0], eps=eps if run is full else ORIGINAL_EPS)
-        torch.testing.assert_close(mlm_logits, expected_mlm, atol=tolerance, rtol=tolerance)
-        expected_itm = _linear(sd, "itm_score.fc", run["pooled"])
-        torch.testing.assert_close(itm_logits, expected_itm, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(fused.pooler_output, original["pooled"], atol=EXACT_TOL, rtol=EXACT_TOL)
+    expected_mlm = reference_mlm(sd, original["outputs"][-1][0])
+    torch.testing.assert_close(mlm_logits, expected_mlm, atol=EXACT_TOL, rtol=EXACT_TOL)
+    expected_itm = _linear(sd, "itm_score.fc", original["pooled"])
+    torch.testing.assert_close(itm_logits, expected_itm, atol=EXACT_TOL, rtol=EXACT_TOL)
     assert not torch.allclose(itm_logits[0], itm_logits[1], atol=1e-3)  # random weights: the samples differ
 
 
@@ -535,7 +529,8 @@ def test_converted_task_heads_equal_the_original(converted, batch, case_name):
     head = CASES[case_name][3]
     assert case["result"].architecture == TASK_HEADS[head].__name__  # chosen from the checkpoint's loss names
     model = _converted_model(case)
-    sd, config, eps = case["state"], case["config"], model.config.layer_norm_eps
+    sd, config = case["state"], case["config"]
+    assert model.config.cross_modal_layer_norm_eps == ORIGINAL_EPS
     input_ids, attention_mask, pixel_values = batch
     with torch.no_grad():
         if head == "nlvr2":
@@ -543,7 +538,7 @@ def test_converted_task_heads_equal_the_original(converted, batch, case_name):
             pair = torch.stack([pixel_values, pixel_values.flip(0)], dim=1)
             logits = model(input_ids, attention_mask, pair).logits
             pooled = [
-                reference(sd, config, input_ids, attention_mask, pair[:, i], image_type=i + 1, eps=eps)["pooled"]
+                reference(sd, config, input_ids, attention_mask, pair[:, i], image_type=i + 1)["pooled"]
                 for i in range(2)
             ]
             expected = _classifier(sd, "nlvr2_classifier", torch.cat(pooled, dim=-1))
@@ -552,7 +547,7 @@ def test_converted_task_heads_equal_the_original(converted, batch, case_name):
             image = model.managertower.encode_image(pixel_values)
             embeddings = (model.text_embeddings(text), model.image_embeddings(image))
             logits = torch.cat([*embeddings, model.itm_logits(text, image)], dim=-1)
-            full = reference(sd, config, input_ids, attention_mask, pixel_values, eps=eps)
+            full = reference(sd, config, input_ids, attention_mask, pixel_values)
             itc = "itc" if config["model_type"] == "BT" else "cross_modal_itc"
             expected = torch.cat([
                 F.normalize(_linear(sd, f"{itc}_text_head.fc", full["text"][:, 0]), dim=-1),
@@ -562,7 +557,7 @@ def test_converted_task_heads_equal_the_original(converted, batch, case_name):
             assert model.itc_temperature.item() == pytest.approx(sd["temperature"].item())
         else:
             logits = model(input_ids, attention_mask, pixel_values).logits
-            pooled = reference(sd, config, input_ids, attention_mask, pixel_values, eps=eps)["pooled"]
+            pooled = reference(sd, config, input_ids, attention_mask, pixel_values)["pooled"]
             expected = _classifier(sd, {"vqav2": "vqa_classifier", "snli_ve": "snli_classifier"}[head], pooled)
     torch.testing.assert_close(logits, expected, atol=EXACT_TOL, rtol=EXACT_TOL)
 

@@ -59,6 +59,9 @@ class ManagerTowerConfig(PreTrainedConfig):
         The hidden width of the classification heads is `2 * hidden_size * head_hidden_scale`.
     classifier_dropout (`float`, defaults to 0.0):
         Dropout on the pooled features before the NLVR2 classifier.
+    cross_modal_layer_norm_eps (`float`, *optional*):
+        LayerNorm epsilon of the cross-modal layers and the MLM transform; defaults to `layer_norm_eps` (1e-5, as HF
+        BridgeTower). Checkpoints converted from the authors' code set 1e-12, their BertConfig's value.
     """
 
     model_type = "managertower"
@@ -85,6 +88,7 @@ class ManagerTowerConfig(PreTrainedConfig):
     contrastive_temperature: float = 0.07
     head_hidden_scale: int = 1
     classifier_dropout: float | int = 0.0
+    cross_modal_layer_norm_eps: float | None = None
     tie_word_embeddings: bool = False
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
@@ -97,6 +101,8 @@ class ManagerTowerConfig(PreTrainedConfig):
             self.vision_config = {**CLIP_VIT_B16_288, **self.vision_config}
         if self.num_managed_layers is None:
             self.num_managed_layers = self.num_hidden_layers
+        if self.cross_modal_layer_norm_eps is None:
+            self.cross_modal_layer_norm_eps = self.layer_norm_eps
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):

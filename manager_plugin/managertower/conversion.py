@@ -88,10 +88,9 @@ MANAGER_FIELDS = ("manager_type", "managed_layers_text", "managed_layers_image")
 # RoBERTa and CLIP use 64-wide attention heads at every size; the original state dict does not record head counts.
 HEAD_WIDTH = 64
 ENCODER_LAYER_NORM_EPS = 1e-5  # roberta-base/large and CLIP
-# The cross-modal layers, managers and heads share one LayerNorm epsilon in ManagerTowerConfig: that of the original
-# managers and link towers, and of HF BridgeTower. The original's cross-modal layers and MLM transform use
-# BertConfig's 1e-12 instead, which moves a LayerNorm's output by about 1e-5 / (2 * variance), relative.
-LAYER_NORM_EPS = 1e-5
+LAYER_NORM_EPS = 1e-5  # the original managers, link towers and task heads, and HF BridgeTower
+# The original cross-modal layers and MLM transform use BertConfig's default (HF BridgeTower's use 1e-5 instead).
+CROSS_MODAL_LAYER_NORM_EPS = 1e-12
 
 TEXT = "text_transformer."
 VISION = "vit_model.visual."
@@ -532,6 +531,7 @@ def managertower_config(
             hidden_dropout_prob=original.drop_rate,
             attention_probs_dropout_prob=original.drop_rate,
             layer_norm_eps=LAYER_NORM_EPS,
+            cross_modal_layer_norm_eps=CROSS_MODAL_LAYER_NORM_EPS,
             num_token_types=num_token_types,
             manager_type=original.manager_type or "bridge",
             num_managed_layers=original.num_managed_layers,

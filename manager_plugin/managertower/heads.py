@@ -87,6 +87,7 @@ class ManagerTowerForPreTraining(ManagerTowerHeadModel):
     def __init__(self, config: ManagerTowerConfig) -> None:
         super().__init__(config)
         self.mlm_score = BridgeTowerMLMHead(config)
+        self.mlm_score.transform.LayerNorm.eps = config.cross_modal_layer_norm_eps
         self.itm_score = BridgeTowerITMHead(2 * config.hidden_size)
         self.post_init()
 

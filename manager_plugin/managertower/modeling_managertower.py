@@ -102,7 +102,7 @@ def _cross_layer_config(config: ManagerTowerConfig) -> BridgeTowerTextConfig:
         hidden_act=config.hidden_act,
         hidden_dropout_prob=config.hidden_dropout_prob,
         attention_probs_dropout_prob=config.attention_probs_dropout_prob,
-        layer_norm_eps=config.layer_norm_eps,
+        layer_norm_eps=config.cross_modal_layer_norm_eps,
     )
     cross._attn_implementation = config._attn_implementation
     return cross
