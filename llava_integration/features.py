@@ -65,12 +65,21 @@ def pack_like_main_feature(
 
     HF's `pack_image_features` stitches crops, unpads, bilinearly downsamples (anyres_max) and appends newline
     tokens. All of these act on each channel alone, so the N layers fold into the channel axis and go through that
-    same public method in one call; every layer's newline token is the model's `image_newline`. In square mode each
-    image is its base view, with no newline token. Returns `(num_visual_tokens, N, D)` and the tokens per image.
+    same public method; every layer's newline token is the model's `image_newline`. In square mode each image is its
+    base view, with no newline token. Returns `(num_visual_tokens, N, D)` and the tokens per image.
     """
     num_crops, tokens, layers, hidden = experts.shape
     if vision_aspect_ratio == SQUARE:
         return experts.reshape(num_crops * tokens, layers, hidden), [tokens] * num_crops
+    rows, lengths = packed_rows(model, image_sizes, crops, tokens, vision_aspect_ratio)
+    if rows is not None:
+        # Packing only selected and reordered tokens: one gather of the N-layer features instead of HF's four
+        # copies of them (stitch, newline, base view, images), then the newline rows.
+        newlines = (rows < 0).nonzero().squeeze(1)  # host tensors: no device sync
+        flat = experts.reshape(num_crops * tokens, layers, hidden)
+        packed = flat.index_select(0, rows.clamp(min=0).to(experts.device, non_blocking=True))
+        packed[newlines.to(experts.device, non_blocking=True)] = model.image_newline.to(packed.dtype)
+        return packed, lengths
     folded = experts.reshape(num_crops, tokens, layers * hidden)
     newline = model.image_newline.to(experts.dtype).repeat(layers)
     packed, lengths = model.pack_image_features(
@@ -80,6 +89,28 @@ def pack_like_main_feature(
         vision_aspect_ratio=vision_aspect_ratio,
     )
     return torch.cat(packed, dim=0).view(-1, layers, hidden), lengths.tolist()
+
+
+def packed_rows(
+    model: nn.Module, image_sizes: torch.Tensor, crops: list[int], tokens: int, vision_aspect_ratio: str
+) -> tuple[torch.Tensor | None, list[int]]:
+    """Which crop token (row of `(num_crops * T)`) HF's packing puts at each visual token, -1 for a newline token.
+
+    Found by packing the row indices `i` and their squares through HF's own `pack_image_features` (on the host, in
+    float64: exact). None when some image was bilinearly downsampled: a token mixed from several rows has
+    mean(i^2) > mean(i)^2, so equality everywhere proves that packing only selected rows.
+    """
+    index = torch.arange(sum(crops) * tokens, dtype=torch.float64)
+    probe = torch.stack((index, index * index), dim=-1).view(sum(crops), tokens, 2)
+    packed, lengths = model.pack_image_features(
+        list(torch.split(probe, crops, dim=0)),
+        image_sizes.cpu(),
+        image_newline=torch.tensor([-1.0, 1.0], dtype=torch.float64),
+        vision_aspect_ratio=vision_aspect_ratio,
+    )
+    packed = torch.cat(packed, dim=0)
+    rows = packed[:, 0] if torch.equal(packed[:, 1], packed[:, 0] ** 2) else None
+    return (None if rows is None else rows.long()), lengths.tolist()
 
 
 def grid_selection(lengths: list[int], base_tokens: int, grid_type: str, device: torch.device) -> torch.Tensor | None:

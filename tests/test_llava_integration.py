@@ -412,3 +412,24 @@ def test_instruction_query_mask_marks_the_text_of_the_user_turn_holding_the_imag
                       return_tensors="pt")
     masks = instruction_query_mask(batch.input_ids, tokenizer, batch.attention_mask)
     assert [tokenizer.decode(ids[mask]) for ids, mask in zip(batch.input_ids, masks)] == [QUESTION, ""]
+
+
+@pytest.mark.parametrize("sizes, gathered", [([(64, 64)], True), ([(33, 200), (64, 64)], True), ([(190, 190)], False)])
+def test_manager_features_are_packed_exactly_as_hf_packs_each_layer(tiny_model, tiny_processor, sizes, gathered):
+    """Packing by row gather (no downsampling) or by HF's packing (downsampled) equals HF packing each layer alone."""
+    from llava_integration.features import pack_like_main_feature, packed_rows, patches_per_image
+
+    inner = tiny_model.model
+    inputs = make_inputs(tiny_processor, "anyres_max_9", [[size] for size in sizes])
+    crops = patches_per_image(inner.config, inputs["image_sizes"], inputs["batch_num_images"], "anyres_max_9")
+    assert (packed_rows(inner, inputs["image_sizes"], crops, 16, "anyres_max_9")[0] is not None) == gathered
+    experts = torch.randn(sum(crops), 16, 3, 64)
+    packed, _ = pack_like_main_feature(inner, experts, inputs["image_sizes"], crops, "anyres_max_9")
+    with torch.no_grad():
+        reference = [
+            torch.cat(inner.pack_image_features(list(torch.split(experts[:, :, n], crops)), inputs["image_sizes"],
+                                                image_newline=inner.image_newline,
+                                                vision_aspect_ratio="anyres_max_9")[0])
+            for n in range(3)
+        ]
+    assert torch.equal(packed, torch.stack(reference, dim=1))

@@ -1,0 +1,3 @@
+from .manager_cost import main
+
+main()

@@ -1,0 +1,99 @@
+"""Analytic FLOPs of one LLaVA-OneVision forward and training step, with and without the manager.
+
+Convention (that of MFU and of `torch.utils.flop_counter`): a multiply-add is 2 FLOPs; every matmul, the patch
+convolution and both attention products count, attention over the full `S x S` (as SDPA computes it, causal or
+not); norms, activations, softmax, rotary and biases do not. The manager's own elementwise work (layer-embedding
+add, weighted sums, the add into the stream) is counted separately, because it is part of its floor.
+
+A training step (everything trainable) costs 3x the forward, except the patch convolution: its input is the pixels,
+which need no gradient, so 2x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from transformers import LlavaOnevisionConfig
+
+from manager_plugin import ManagerConfig
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one batch asks of the model: crops through the tower and tokens through the language model."""
+
+    batch_size: int
+    seq_len: int  # padded length of every sample
+    crops: int  # crops of all images of the batch (base views included)
+    visual_tokens: int  # image placeholder tokens in the whole batch
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def crop_tokens(config: LlavaOnevisionConfig) -> int:
+    """Visual tokens one crop yields (the projector's rows per crop)."""
+    vision = config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2
+    return tokens - 1 if config.vision_feature_select_strategy == "default" else tokens
+
+
+def projector_flops_per_token(config: LlavaOnevisionConfig) -> int:
+    """One pass of the 2-layer MLP projector over one token."""
+    vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
+    return 2 * (vision * text + text * text)
+
+
+def forward_flops(
+    config: LlavaOnevisionConfig, work: Workload, manager: ManagerConfig | None, logits_tokens: int
+) -> dict[str, int]:
+    """Forward FLOPs by component; `logits_tokens` is how many positions the LM head scores (all, or 1 per sample)."""
+    vision, text = config.vision_config, config.text_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    dv, iv = vision.hidden_size, vision.intermediate_size
+    vision_layer = 8 * patches * dv * dv + 4 * patches * dv * iv + 4 * patches * patches * dv
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    d, s = text.hidden_size, work.seq_len
+    q_width, kv_width = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
+    text_layer = (
+        2 * s * d * q_width  # q
+        + 4 * s * d * kv_width  # k, v
+        + 2 * s * q_width * d  # o
+        + 4 * s * s * q_width  # scores and weighted values
+        + 6 * s * d * text.intermediate_size  # gate, up, down
+    )
+    projected_rows = work.crops * crop_tokens(config)
+    flops = {
+        "vision_patch_embedding": work.crops * 2 * patches * 3 * vision.patch_size**2 * dv,
+        "vision_blocks": work.crops * vision.num_hidden_layers * vision_layer,
+        "projector": projected_rows * projector_flops_per_token(config),
+        "language_model": work.batch_size * text.num_hidden_layers * text_layer,
+        "lm_head": 2 * logits_tokens * d * text.vocab_size,
+        "manager_projector": 0,
+        "manager_elementwise": 0,
+    }
+    if manager is not None:
+        layers = len(manager.vision_layers)
+        experts = sum(manager.num_experts(layer) for layer in manager.injection_layers)
+        flops["manager_projector"] = layers * flops["projector"]
+        flops["manager_elementwise"] = (
+            projected_rows * layers * d  # layer embedding
+            + work.visual_tokens * 2 * experts * d  # weighted sums of every injection layer
+            + work.visual_tokens * len(manager.injection_layers) * d  # adds into the stream
+        )
+    return flops
+
+
+def training_flops(forward: dict[str, int]) -> dict[str, int]:
+    """A training step's FLOPs by component (forward + backward), from the forward's."""
+    return {name: (2 if name == "vision_patch_embedding" else 3) * value for name, value in forward.items()}
+
+
+def matmul_total(flops: dict[str, int]) -> int:
+    """What `torch.utils.flop_counter` counts (with eager attention): all but the manager's elementwise work."""
+    return sum(value for name, value in flops.items() if name != "manager_elementwise")
+
+
+def manager_floor_ratio(with_manager: dict[str, int], without: dict[str, int]) -> float:
+    """Total FLOPs with the manager over total without: the cost ratio the manager cannot go below."""
+    return sum(with_manager.values()) / sum(without.values())
