@@ -1,7 +1,7 @@
 """The manager plugin: aggregates several layers of a uni-modal encoder into another stream. Knows no model."""
 
 from .config import CONFIG_NAME, GRID_TYPES, ManagerConfig
-from .managers import MANAGER_TYPES, AdaptiveManager, QueryAttention, StaticManager, build_manager
+from .managers import MANAGER_TYPES, AdaptiveManager, Manager, QueryAttention, StaticManager, build_manager
 from .ops import multiplicative_jitter, softmax_layer_weights, weighted_layer_sum
 from .stack import LayerEmbedding, LayerManagers
 
@@ -12,6 +12,7 @@ __all__ = [
     "AdaptiveManager",
     "LayerEmbedding",
     "LayerManagers",
+    "Manager",
     "ManagerConfig",
     "QueryAttention",
     "StaticManager",

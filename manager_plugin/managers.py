@@ -18,17 +18,21 @@ from torch import nn
 from .ops import multiplicative_jitter, weighted_layer_sum
 
 
-class StaticManager(nn.Module):
-    """Per-layer, per-channel weights `w` of shape (N, D), initialised to zero, jittered in training."""
+class Manager(nn.Module):
+    """`sum_n w_n * experts_n`, with weights `w` (broadcastable to the experts) jittered elementwise in training.
 
-    def __init__(self, num_experts: int, hidden_size: int, jitter: float = 0.01) -> None:
+    Subclasses say how the weights are made (`expert_weights`); they start at zero, so a new manager adds nothing.
+    """
+
+    def __init__(self, num_experts: int, jitter: float) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.jitter = jitter
-        self.layer_weights = nn.Parameter(torch.zeros(num_experts, hidden_size))
 
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.layer_weights)
+    def expert_weights(
+        self, state: torch.Tensor | None, query: torch.Tensor | None, query_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(
         self,
@@ -37,11 +41,26 @@ class StaticManager(nn.Module):
         query: torch.Tensor | None = None,
         query_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        _check_experts(experts, self.num_experts)
-        weights = self.layer_weights
+        if experts.dim() < 2 or experts.shape[-2] != self.num_experts:
+            raise ValueError(f"expected experts of shape (..., {self.num_experts}, hidden), got {tuple(experts.shape)}")
+        weights = self.expert_weights(state, query, query_mask)
         if self.training:
             weights = multiplicative_jitter(weights, self.jitter)
         return weighted_layer_sum(experts, weights)
+
+
+class StaticManager(Manager):
+    """Per-layer, per-channel weights `w` of shape (N, D), initialised to zero."""
+
+    def __init__(self, num_experts: int, hidden_size: int, jitter: float = 0.01) -> None:
+        super().__init__(num_experts, jitter)
+        self.layer_weights = nn.Parameter(torch.zeros(num_experts, hidden_size))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.layer_weights)
+
+    def expert_weights(self, state=None, query=None, query_mask=None) -> torch.Tensor:
+        return self.layer_weights
 
 
 class QueryAttention(nn.Module):
@@ -70,7 +89,7 @@ def _average_query(state: torch.Tensor, query: torch.Tensor, query_mask: torch.T
     return mean[:, None, :].expand_as(state)
 
 
-class AdaptiveManager(nn.Module):
+class AdaptiveManager(Manager):
     """Per-token layer scores from a bias-free linear controller, times a zero-initialised gate (N, D).
 
     `query_type` None scores each token from its own state; "last", "average" and "cross" concatenate a summary of
@@ -78,11 +97,9 @@ class AdaptiveManager(nn.Module):
     """
 
     def __init__(self, num_experts: int, hidden_size: int, jitter: float = 0.01, query_type: str | None = None):
-        super().__init__()
         if query_type not in QUERY_TYPES:
             raise ValueError(f"unknown query_type {query_type!r}: expected one of {QUERY_TYPES}")
-        self.num_experts = num_experts
-        self.jitter = jitter
+        super().__init__(num_experts, jitter)
         self.query_type = query_type
         self.query_attention = QueryAttention(hidden_size) if query_type == "cross" else None
         in_features = hidden_size if query_type is None else 2 * hidden_size
@@ -96,14 +113,10 @@ class AdaptiveManager(nn.Module):
             self.query_attention.k_proj.reset_parameters()
         nn.init.zeros_(self.gate)
 
-    def forward(
-        self,
-        experts: torch.Tensor,
-        state: torch.Tensor | None = None,
-        query: torch.Tensor | None = None,
-        query_mask: torch.Tensor | None = None,
+    def expert_weights(
+        self, state: torch.Tensor | None, query: torch.Tensor | None, query_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        _check_experts(experts, self.num_experts)
+        """Per-token weights `(..., N, D)`: the controller's layer scores times the gate."""
         if state is None:
             raise ValueError("an adaptive manager needs the stream's state at the managed tokens")
         controller_input = state
@@ -120,15 +133,7 @@ class AdaptiveManager(nn.Module):
                 readout = _POOLED_QUERY[self.query_type](state, query, query_mask)
             controller_input = torch.cat((readout, state), dim=-1)
         scores = self.controller(controller_input)  # (..., N)
-        weights = scores[..., None] * self.gate  # (..., N, D)
-        if self.training:
-            weights = multiplicative_jitter(weights, self.jitter)
-        return weighted_layer_sum(experts, weights)
-
-
-def _check_experts(experts: torch.Tensor, num_experts: int) -> None:
-    if experts.dim() < 2 or experts.shape[-2] != num_experts:
-        raise ValueError(f"expected experts of shape (..., {num_experts}, hidden), got {tuple(experts.shape)}")
+        return scores[..., None] * self.gate
 
 
 QUERY_TYPES = (None, "last", "average", "cross")
