@@ -1,4 +1,5 @@
-"""`python -m eval {run,report,manager-weights,tasks}`: evaluate, tabulate the ablation, show what managers learned."""
+"""`python -m eval {ablation,run,report,manager-weights,tasks}`: run the ablation, evaluate, tabulate it, show what
+managers learned."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from . import TASKS_DIR
 
 USAGE = """python -m eval COMMAND ...
 
+  ablation [OPTIONS]                 the grid vs manager ablation end to end: train the four variants, evaluate,
+                                     report (no options: the tiny one on CPU, about 3 minutes; see --help)
   run LMMS_EVAL_ARGS...              lmms-eval (`python -m lmms_eval`) with this package's tasks; exits non-zero
                                      when a task failed or produced no result
   report VARIANT=RUN... --out DIR    the ablation table (markdown, CSV) and plot; VARIANT: baseline, manager,
@@ -72,9 +75,16 @@ def _include_path(argv: list[str]) -> int:
     return 0
 
 
+def _ablation(argv: list[str]) -> int:
+    from .ablation.main import main as ablation_main
+
+    return ablation_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {
+        "ablation": _ablation,
         "report": _report,
         "manager-weights": _manager_weights,
         "tasks": _tasks,

@@ -8,6 +8,7 @@ lmms-eval raises on failure instead of exiting 0, and the same checks as `python
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def evaluate_checkpoints(
 
     `model_args` are added to each checkpoint's (e.g. "dtype=float32,grid=false"); `task_manager` reuses an index
     from `groups.task_manager()`. Returns the results files; raises RuntimeError naming the checkpoint and task when
-    a task fails or yields no score.
+    a task fails or yields no score (a failed checkpoint gets no results.json).
     """
     from lmms_eval.evaluator import simple_evaluate
 
@@ -55,11 +56,13 @@ def evaluate_checkpoints(
         directory = Path(output_root) / name
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / STABLE_NAME
-        path.write_text(json.dumps(data, indent=2, default=str))
+        staging = directory / f".partial-{STABLE_NAME}"
+        staging.write_text(json.dumps(data, indent=2, default=str))
         results = Results()
-        results.add(json.loads(path.read_text()), path)
+        results.add(json.loads(staging.read_text()), path)
         problems = check_results(results, list(tasks), predict_only=False, output_dir=directory)
         if problems:
             raise RuntimeError(f"evaluating {name} ({checkpoint}) failed: " + "; ".join(problems))
+        os.replace(staging, path)  # only a checked results file ever has the final name
         written[name] = path
     return written

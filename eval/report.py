@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -296,10 +297,12 @@ def plot(report: Report, path: Path) -> Path:
     return path
 
 
-def write_report(runs: dict[str, Path], out: str | Path) -> tuple[Report, list[Path]]:
-    """Load each variant's results, build the report, write markdown, CSV and PNG to `out`."""
+def write_report(runs: dict[str, Path], out: str | Path, notes: Sequence[str] = ()) -> tuple[Report, list[Path]]:
+    """Load each variant's results, build the report, write markdown, CSV and PNG to `out`; `notes` are added to
+    the report's own."""
     results = {name: load_results(path) for name, path in runs.items()}
     report = build_report(results)
+    report.notes += list(notes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [

@@ -1,111 +1,116 @@
-"""The `manager_tiny` documents: one coloured shape at a named position per image, asked about in one word.
+"""The `manager_tiny` documents: held-out scenes of the training data's own generator, each asked one of its questions.
 
-Documents hold the scene's description, not pixels; `render` draws the image from it, so a task of any size is built
-in memory in milliseconds, offline, and the same seed always gives the same documents and images. Every answer is a
-single word of the tiny tokenizer's vocabulary (`llava_integration.tiny.CORPUS_WORDS`).
+Scenes, questions and answers come from `training.synthetic` (`generate_scene`, `scene_questions`, `DEFAULT_SIZES`),
+so the tiny models are asked what they were trained on: images of the same distribution, the same phrasing (the
+prompt is the question alone, in the chat template) and the same one-word answers. Scene seeds are strings
+(`manager_tiny:<seed>:<index>`), never one of the integer seeds `write_synthetic` draws its scenes from: evaluated
+scenes are drawn independently of the training scenes. Documents hold the scene's seed and size, not pixels;
+`render` redraws the image, so a task of any size is built in memory in milliseconds, offline.
 """
 
 from __future__ import annotations
 
-import math
 import random
+from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+import yaml
+from PIL import Image
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 60),
-    "blue": (40, 70, 220),
-    "yellow": (235, 210, 40),
-    "purple": (130, 50, 170),
-    "orange": (245, 140, 20),
-    "pink": (240, 130, 190),
-    "black": (20, 20, 20),
+from training.synthetic import (
+    COLOURS,
+    DEFAULT_SIZES,
+    LETTERS,
+    NUMBER_WORDS,
+    POSITIONS,
+    SHAPES,
+    generate_scene,
+    scene_questions,
+)
+from training.synthetic.scenes import MAX_COUNT
+
+# Every answer `scene_questions` gives lies in exactly one of these; a multiple-choice document offers its answer
+# and other words of the same kind.
+ANSWER_VOCABULARIES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(sorted(COLOURS)),
+    "shape": SHAPES,
+    "count": NUMBER_WORDS[1 : MAX_COUNT + 1],
+    "position": tuple(sorted(POSITIONS)),
+    "letter": LETTERS,
+    "yes_no": ("yes", "no"),
 }
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
-# Where the shape's centre sits, as fractions of the image's width and height.
-POSITIONS: dict[str, tuple[float, float]] = {
-    "left": (0.25, 0.5),
-    "right": (0.75, 0.5),
-    "top": (0.5, 0.25),
-    "bottom": (0.5, 0.75),
-    "centre": (0.5, 0.5),
-}
-QUESTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "colour": ("What colour is the shape?", tuple(COLOURS)),
-    "shape": ("What shape is in the image?", SHAPES),
-    "position": ("Where is the shape?", tuple(POSITIONS)),
-}
-SIDES = (32, 48, 64, 96)  # image sides in pixels: from one 32 px crop to AnyRes grids of several crops
-NUM_CHOICES = 4
-BACKGROUND = (255, 255, 255)
+NUM_CHOICES = 4  # at most: a yes/no question has two
+# The tasks' shared YAML: its `dataset_kwargs` are `generate_documents`' arguments.
+TASK_CONFIG = Path(__file__).resolve().parent / "tasks" / "manager_tiny" / "_manager_tiny_common.yaml"
 
 
-def generate_documents(num_docs: int = 60, seed: int = 0) -> list[dict[str, Any]]:
-    """`num_docs` documents (question kinds in turn), each with its scene, question, answer and four choices."""
+def scene_seed(seed: int, index: int) -> str:
+    """The seed of document `index`'s scene (a string: disjoint from the training data's integer seeds)."""
+    return f"manager_tiny:{seed}:{index}"
+
+
+def answer_kind(answer: str) -> str:
+    """The kind of question `answer` belongs to (a key of `ANSWER_VOCABULARIES`)."""
+    kinds = [kind for kind, words in ANSWER_VOCABULARIES.items() if answer in words]
+    if len(kinds) != 1:
+        raise ValueError(f"answer {answer!r} is in {len(kinds)} answer vocabularies, expected exactly one")
+    return kinds[0]
+
+
+def generate_documents(num_docs: int = 200, seed: int = 0) -> list[dict[str, Any]]:
+    """`num_docs` documents: a held-out scene, one of its questions (drawn like the training data's), the answer and
+    up to `NUM_CHOICES` choices of the answer's kind."""
     if num_docs < 1:
         raise ValueError(f"num_docs must be a positive int, got {num_docs!r}")
-    rng = random.Random(seed)
-    kinds = list(QUESTIONS)
+    rng = random.Random(f"manager_tiny:{seed}")
     documents = []
     for index in range(num_docs):
-        scene = {
-            "colour": rng.choice(list(COLOURS)),
-            "shape": rng.choice(SHAPES),
-            "position": rng.choice(list(POSITIONS)),
-            "width": rng.choice(SIDES),
-            "height": rng.choice(SIDES),
-        }
-        kind = kinds[index % len(kinds)]
-        question, vocabulary = QUESTIONS[kind]
-        answer = scene[kind]
-        choices = [answer, *rng.sample([word for word in vocabulary if word != answer], NUM_CHOICES - 1)]
+        width, height = rng.choice(DEFAULT_SIZES)
+        _, facts = generate_scene(random.Random(scene_seed(seed, index)), width, height)
+        question, answer = rng.choice(scene_questions(facts, rng))
+        kind = answer_kind(answer)
+        vocabulary = ANSWER_VOCABULARIES[kind]
+        others = rng.sample([word for word in vocabulary if word != answer], min(NUM_CHOICES, len(vocabulary)) - 1)
+        choices = [answer, *others]
         rng.shuffle(choices)
         documents.append(
             {
                 "question_id": index,
+                "scene_seed": scene_seed(seed, index),
+                "width": width,
+                "height": height,
                 "kind": kind,
                 "question": question,
                 "answer": answer,
                 "choices": choices,
                 "answer_index": choices.index(answer),
-                **scene,
             }
         )
     return documents
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    if shape == "triangle":
-        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
-    if shape == "star":  # ten corners, alternating between the outer radius and an inner one
-        radii = [r if k % 2 == 0 else r / 2.5 for k in range(10)]
-        return [
-            (cx + radius * math.sin(k * math.pi / 5), cy - radius * math.cos(k * math.pi / 5))
-            for k, radius in enumerate(radii)
-        ]
-    raise ValueError(f"{shape!r} is not a polygon shape")
-
-
 def render(document: dict[str, Any]) -> Image.Image:
-    """The RGB image a document describes: its shape, in its colour, centred at its position, on white."""
-    width, height = document["width"], document["height"]
-    image = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    fx, fy = POSITIONS[document["position"]]
-    cx, cy, r = fx * width, fy * height, min(width, height) / 5
-    fill = COLOURS[document["colour"]]
-    shape = document["shape"]
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "cross":
-        draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=fill)
-        draw.rectangle((cx - r / 3, cy - r, cx + r / 3, cy + r), fill=fill)
-    else:
-        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
-    return image
+    """The RGB image of a document's scene, redrawn from its seed and size."""
+    return generate_scene(random.Random(document["scene_seed"]), document["width"], document["height"])[0]
+
+
+def chance_scores(documents: list[dict[str, Any]]) -> dict[str, float]:
+    """What a model blind to the images scores on average: exact match guessing a word of the answer's kind, and
+    multiple choice guessing one of the choices (every kind's answers are equally likely by construction)."""
+    return {
+        "exact_match": sum(1 / len(ANSWER_VOCABULARIES[document["kind"]]) for document in documents) / len(documents),
+        "multiple_choice": sum(1 / len(document["choices"]) for document in documents) / len(documents),
+    }
+
+
+class _TaskConfigLoader(yaml.SafeLoader):
+    """Reads lmms-eval task YAML: its `!function module.name` tags stay strings."""
+
+
+_TaskConfigLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def shipped_documents(limit: int | None = None) -> list[dict[str, Any]]:
+    """The documents `manager_tiny` and `manager_tiny_mc` evaluate (the first `limit` of them, as `--limit` takes)."""
+    config = yaml.load(TASK_CONFIG.read_text(), Loader=_TaskConfigLoader)  # a SafeLoader that knows !function
+    return generate_documents(**config["dataset_kwargs"])[:limit]

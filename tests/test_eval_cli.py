@@ -24,7 +24,7 @@ from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 from eval import TASKS_DIR
 from eval.replay import LoggedPredictions
 from eval.run import run
-from eval.tiny_data import generate_documents
+from eval.tiny_data import shipped_documents
 from llava_integration import apply_manager, manager_of
 from manager_plugin import ManagerConfig
 
@@ -89,7 +89,7 @@ def forced_answer_model(tiny_dir, answer: str, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def forced(tiny_dir, tmp_path_factory):
-    documents = generate_documents(60, seed=0)[:LIMIT]  # the shipped task's documents (its YAML: 60 docs, seed 0)
+    documents = shipped_documents(LIMIT)  # the first LIMIT documents of the shipped task, as --limit takes them
     answer = Counter(document["answer"] for document in documents).most_common(1)[0][0]
     model, processor, scores = forced_answer_model(tiny_dir, answer)
     directory = tmp_path_factory.mktemp("forced")

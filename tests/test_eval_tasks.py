@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import random
+import re
 
 import numpy as np
 import pytest
 
 from eval import TASKS_DIR
 from eval.benchmarks import load_table
-from eval.tiny_data import COLOURS, POSITIONS, QUESTIONS, generate_documents, render
+from eval.tiny_data import ANSWER_VOCABULARIES, generate_documents, render
 from llava_integration.tiny import CORPUS_WORDS
+from training.synthetic import COLOURS, DEFAULT_SIZES, generate_scene, scene_questions
 
 # REFERENCE.md section 2, copied by hand: the paper's protocol.
 LOCAL13 = [
@@ -39,31 +42,45 @@ API7 = [
 ]
 
 
-def test_documents_are_seeded_and_answer_in_one_vocabulary_word(tiny_processor):
-    documents = generate_documents(30, seed=3)
-    assert documents == generate_documents(30, seed=3)
-    assert documents != generate_documents(30, seed=4)
+def test_documents_ask_the_training_questions_with_one_token_answers(tiny_processor):
+    documents = generate_documents(200, seed=3)
+    assert documents == generate_documents(200, seed=3)
+    assert documents != generate_documents(200, seed=4)
+    assert len({document["scene_seed"] for document in documents}) == 200
+    assert {document["kind"] for document in documents} == set(ANSWER_VOCABULARIES)
     vocabulary = set(CORPUS_WORDS.split())
     for document in documents:
-        assert document["answer"] == document[document["kind"]]
-        assert document["choices"][document["answer_index"]] == document["answer"]
-        assert len(set(document["choices"])) == 4
-        for word in document["choices"]:
+        _, facts = generate_scene(random.Random(document["scene_seed"]), document["width"], document["height"])
+        asked = re.fullmatch(r"Is there an? (\w+) (\w+)\? Answer with a single word\.", document["question"])
+        if asked:  # the training data's yes/no question names a random colour: its answer follows from the facts
+            assert asked.group(2) == facts.shape
+            assert document["answer"] == ("yes" if asked.group(1) == facts.colour else "no")
+        else:  # every other question has one answer per scene
+            assert (document["question"], document["answer"]) in scene_questions(facts, 0)
+        choices = document["choices"]
+        assert choices[document["answer_index"]] == document["answer"] and len(set(choices)) == len(choices)
+        assert set(choices) <= set(ANSWER_VOCABULARIES[document["kind"]])
+        assert len(choices) == min(4, len(ANSWER_VOCABULARIES[document["kind"]]))
+        for word in choices:
             assert word in vocabulary
             assert len(tiny_processor.tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
-    assert {document["kind"] for document in documents} == set(QUESTIONS)
+        assert (document["width"], document["height"]) in DEFAULT_SIZES
 
 
-def test_render_draws_the_described_shape_where_it_says():
-    for document in generate_documents(24, seed=1):
-        pixels = np.asarray(render(document))
-        assert pixels.shape == (document["height"], document["width"], 3)
-        fx, fy = POSITIONS[document["position"]]
-        centre = pixels[int(fy * document["height"]), int(fx * document["width"])]
-        assert tuple(centre) == COLOURS[document["colour"]], document
-        assert tuple(pixels[0, 0]) == (255, 255, 255)  # every position leaves the corners empty
-        coloured = (np.abs(pixels.astype(int) - COLOURS[document["colour"]]).sum(-1) == 0).mean()
-        assert 0.02 < coloured < 0.5
+def test_render_draws_the_scene_whose_colour_the_answer_names():
+    checked = 0
+    for document in generate_documents(120, seed=1):
+        image = render(document)
+        assert image.size == (document["width"], document["height"])
+        assert np.array_equal(np.asarray(image), np.asarray(render(document)))
+        if document["kind"] != "colour":
+            continue
+        pixels = np.asarray(image).reshape(-1, 3)
+        background = tuple(pixels[-1])  # the bottom-right corner: no shape or letter reaches it
+        colours, counts = np.unique(pixels[(pixels != background).any(-1)], axis=0, return_counts=True)
+        assert tuple(colours[counts.argmax()]) == COLOURS[document["answer"]], document
+        checked += 1
+    assert checked > 20
 
 
 @functools.cache

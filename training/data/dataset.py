@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .records import Record
-from .validation import IMAGE_ERRORS, image_path
+from .validation import IMAGE_ERRORS, image_path, strict_image_decoding
 
 
 class ConversationDataset(Dataset):
@@ -36,7 +36,7 @@ class ConversationDataset(Dataset):
         for name in record.images:
             path = image_path(self.image_folder, name)
             try:
-                with Image.open(path) as image:
+                with strict_image_decoding(), Image.open(path) as image:
                     images.append(image.convert("RGB"))
             except IMAGE_ERRORS as error:  # passed the validation pass's check but does not decode
                 raise RuntimeError(

@@ -9,12 +9,14 @@ are kept: the length-grouped sampler uses them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
 from .image_tokens import image_token_counts
@@ -25,6 +27,21 @@ IMAGE_CHECKS = ("verify", "decode")
 # What PIL raises for missing, truncated or corrupt files (verify reports some as SyntaxError).
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 BAD_DATA_POLICIES = ("stop", "skip")
+
+
+@contextmanager
+def strict_image_decoding() -> Iterator[None]:
+    """In this block PIL reports truncated image files as errors, whatever the process-wide setting.
+
+    Some libraries turn on lenient decoding for the whole process (importing lmms-eval sets
+    `ImageFile.LOAD_TRUNCATED_IMAGES = True`), which would silently pad truncated images with grey.
+    """
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 class BadDataError(ValueError):
@@ -132,7 +149,7 @@ def check_records(
         return _image_sizes(records[index], image_folder, image_check)
 
     pending = [i for i, (_, reason) in enumerate(results) if reason is None]
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+    with strict_image_decoding(), ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         checked = list(
             tqdm(pool.map(images_of, pending), total=len(pending), desc="checking images", disable=not progress)
         )

@@ -1,0 +1,261 @@
+"""`python -m eval ablation [options]`: the grid vs manager ablation end to end, resumable.
+
+With no options, on the embedded default: writes the tiny model and the synthetic data, trains the four variants
+through their stages (the `tiny` schedule), evaluates each on manager_tiny and manager_tiny_mc, and writes the report
+(markdown, CSV, PNG). With `--model DIR --data DIR --tasks manager_local13` the same steps run the real ablation with
+the recipes' own settings (the `full` schedule). Finished steps are skipped on a re-run (`--force` redoes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .launchers import LAUNCHERS, EvalJob, InProcessLauncher, StepFailed, SubprocessLauncher
+from .plan import VARIANT_RECIPES, build_plan
+from .progress import Progress, clock
+from .schedule import Schedule, load_schedule, schedule_names
+from .steps import AblationError, EvalStep, Layout, StageStep, Step, SyntheticDataStep, TinyModelStep, remove
+
+DEFAULT_OUT = Path("runs/ablation")
+DEFAULT_TASKS = "manager_tiny,manager_tiny_mc"
+STAGE_MIXTURES = {"1": "stage1.yaml", "1.5": "stage1.5.yaml", "2": "stage2.yaml"}  # as training.synthetic writes them
+
+EXAMPLES = """examples:
+  python -m eval ablation                                   # the tiny ablation on CPU (about 3 minutes)
+  python -m eval ablation --schedule smoke --out /tmp/smoke # every step, 2 training steps each (seconds)
+  python -m eval ablation --model ckpt/llava-onevision-qwen2-0.5b-si --data data/ --tasks manager_local13 \\
+      --out runs/ablation_0.5b --launcher subprocess --nproc 8 --train-args "--deepspeed zero2" \\
+      --model-args dtype=bfloat16 --eval-batch-size 8         # the real ablation on an 8-GPU node
+  python -m eval ablation ... --dry-run                     # print the steps and their commands, run nothing
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval ablation",
+        description=__doc__.split("\n\n")[1],
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where everything goes (default {DEFAULT_OUT})")
+    parser.add_argument("--model", type=Path, help="the stage-1 starting LLaVA-OneVision checkpoint (default: tiny)")
+    parser.add_argument(
+        "--data",
+        help="a directory holding stage1.yaml, stage1.5.yaml and stage2.yaml (LLaVA mixtures; images relative to it), "
+        "or stage1=PATH,stage1.5=PATH,stage2=PATH (default: the synthetic data, written under --out)",
+    )
+    parser.add_argument("--image-folder", type=Path, help="the folder image paths are relative to (default: --data)")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help=f"lmms-eval tasks or groups (default {DEFAULT_TASKS})")
+    parser.add_argument("--variants", default=",".join(VARIANT_RECIPES), help="which variants to run (default: all)")
+    parser.add_argument(
+        "--schedule",
+        help=f"{', '.join(schedule_names())} or a YAML file (default: tiny without --model, full with it)",
+    )
+    parser.add_argument("--train-args", default="", help='more `python -m training` options, e.g. "--deepspeed zero2"')
+    parser.add_argument("--eval-args", default="", help="more `python -m eval run` options (subprocess launcher)")
+    parser.add_argument("--model-args", default="", help="more llava_ov_manager --model_args, e.g. dtype=bfloat16")
+    parser.add_argument("--eval-batch-size", type=int, help="lmms-eval batch size (default: the schedule's)")
+    parser.add_argument("--limit", type=int, help="documents per task (default: the schedule's)")
+    parser.add_argument(
+        "--launcher",
+        choices=["auto", *LAUNCHERS],
+        default="auto",
+        help="inprocess: every step in this process (fastest on CPU); subprocess: torchrun / `python -m eval run` "
+        "per step (GPU nodes); auto: subprocess when CUDA is available (default)",
+    )
+    parser.add_argument("--nproc", type=int, help="processes per step, subprocess launcher (default: the GPU count)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: OMP_NUM_THREADS when set, else 1: on a small CPU more threads are slower "
+        "for the tiny model)",
+    )
+    parser.add_argument("--force", action="store_true", help="redo every step, even finished ones")
+    parser.add_argument("--dry-run", action="store_true", help="print the steps and their commands; run nothing")
+    return parser
+
+
+def stage_data(spec: str | None, image_folder: Path | None, layout: Layout) -> tuple[dict[str, Path], Path]:
+    """The data mixture of each recipe stage ("1", "1.5", "2") and the image folder."""
+    if spec is None:
+        return {stage: layout.data / name for stage, name in STAGE_MIXTURES.items()}, image_folder or layout.data
+    if "=" in spec:
+        pairs = [item.partition("=") for item in spec.split(",") if item.strip()]
+        named = {key.strip().removeprefix("stage"): Path(value) for key, _, value in pairs}
+        folder = image_folder
+    else:
+        directory = Path(spec)
+        named = {stage: directory / name for stage, name in STAGE_MIXTURES.items()}
+        folder = image_folder or directory
+    if set(named) != set(STAGE_MIXTURES):
+        raise AblationError(f"--data {spec}: expected data for stages {list(STAGE_MIXTURES)}, got {sorted(named)}")
+    missing = [str(path) for path in named.values() if not path.exists()]
+    if missing:
+        raise AblationError(f"--data {spec}: missing {', '.join(missing)}")
+    return named, folder
+
+
+def options_to_argv(options: dict) -> list[str]:
+    """`{"max_steps": 3, "bf16": False}` as `["--max_steps", "3", "--bf16", "false"]`."""
+    argv = []
+    for key, value in options.items():
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return argv
+
+
+def merge_model_args(*parts: str) -> str:
+    """Comma-separated `key=value` lists merged left to right (a later key wins)."""
+    merged: dict[str, str] = {}
+    for part in parts:
+        for item in filter(None, (item.strip() for item in part.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise AblationError(f"model argument {item!r}: expected key=value")
+            merged[key] = value
+    return ",".join(f"{key}={value}" for key, value in merged.items())
+
+
+def choose_threads(threads: int | None) -> str:
+    """Set torch's CPU threads (and OMP_NUM_THREADS for subprocesses); say what was chosen."""
+    import torch
+
+    if threads is None and "OMP_NUM_THREADS" in os.environ:
+        return f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
+    threads = threads or 1
+    if threads < 1:
+        raise AblationError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return str(threads)
+
+
+def choose_launcher(name: str, nproc: int | None):
+    import torch
+
+    if name == "auto":
+        name = "subprocess" if torch.cuda.is_available() else "inprocess"
+    if name == "inprocess":
+        if nproc not in (None, 1):
+            raise AblationError(f"--nproc {nproc} needs --launcher subprocess (in-process runs one process)")
+        return InProcessLauncher()
+    return SubprocessLauncher(nproc or max(1, torch.cuda.device_count()))
+
+
+def build_steps(args: argparse.Namespace, schedule: Schedule, launcher) -> list[Step]:
+    """Every step of the run, in order."""
+    layout = Layout(args.out)
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(variants) - set(VARIANT_RECIPES))
+    if unknown:
+        raise AblationError(f"--variants: unknown {unknown}; expected some of {list(VARIANT_RECIPES)}")
+    plan = build_plan({name: VARIANT_RECIPES[name] for name in variants})
+    steps: list[Step] = []
+    if args.model is None:
+        steps.append(TinyModelStep(layout.tiny_model))
+    if args.data is None:
+        steps.append(SyntheticDataStep(layout.data, dict(schedule.synthetic)))
+    mixtures, image_folder = stage_data(args.data, args.image_folder, layout)
+    base_model = args.model or layout.tiny_model
+    train_args = shlex.split(args.train_args)
+    for run in plan.stages:
+        directory = layout.stage(run.recipe)
+        parent = None if run.parent is None else layout.stage(run.parent)
+        argv = ["--recipe", run.recipe, "--model_name_or_path", str(parent or base_model)]
+        argv += ["--data_path", str(mixtures[run.stage]), "--image_folder", str(image_folder)]
+        argv += ["--output_dir", str(directory), *options_to_argv(schedule.stage_options(run.stage)), *train_args]
+        steps.append(StageStep(run, argv, directory, parent, launcher))
+    settings = schedule.evaluation
+    tasks = tuple(task.strip() for task in args.tasks.split(",") if task.strip())
+    for run in plan.evaluations:
+        job = EvalJob(
+            name=run.variant,
+            checkpoint=layout.stage(run.recipe),
+            output_dir=layout.evaluation(run.variant),
+            tasks=tasks,
+            model_args=merge_model_args(f"grid={str(run.grid).lower()}", settings.model_args, args.model_args),
+            batch_size=args.eval_batch_size or settings.batch_size,
+            limit=args.limit if args.limit is not None else settings.limit,
+            extra_args=tuple(shlex.split(args.eval_args)),
+        )
+        steps.append(EvalStep(run, job, launcher))
+    return steps
+
+
+def chance_notes(tasks: tuple[str, ...], limit: int | None) -> list[str]:
+    """What a model blind to the images scores on the tiny tasks, for the report."""
+    if not {"manager_tiny", "manager_tiny_mc"} & set(tasks):
+        return []
+    from ..tiny_data import chance_scores, shipped_documents
+
+    documents = shipped_documents(limit)
+    chance = chance_scores(documents)
+    note = (
+        f"chance on the {len(documents)} manager_tiny documents (a model blind to the images): exact match "
+        f"{100 * chance['exact_match']:.2f} (guessing a word of the answer's kind), multiple choice "
+        f"{100 * chance['multiple_choice']:.2f} (guessing a choice)"
+    )
+    return [note]
+
+
+def write_ablation_report(layout: Layout, evaluations: list[EvalStep]) -> Path:
+    """The report of the evaluated variants; returns its markdown file."""
+    from ..report import write_report
+
+    runs = {step.run_spec.variant: step.job.output_dir / "results.json" for step in evaluations}
+    first = evaluations[0].job
+    _, paths = write_report(runs, layout.report, notes=chance_notes(first.tasks, first.limit))
+    return paths[0]
+
+
+def run(args: argparse.Namespace, launcher=None) -> int:
+    """Run (or with `--dry-run`, list) every step of the ablation that `args` describe; return the exit code.
+
+    `launcher` replaces the one `--launcher` chooses (anything with `train`, `evaluate` and their `*_command`s)."""
+    try:
+        schedule = load_schedule(args.schedule or ("tiny" if args.model is None else "full"))
+        threads = choose_threads(args.threads)
+        launcher = launcher or choose_launcher(args.launcher, args.nproc)
+        if args.eval_args and launcher.name == "inprocess":
+            raise AblationError(f"--eval-args {args.eval_args!r} need --launcher subprocess (`python -m eval run`)")
+        steps = build_steps(args, schedule, launcher)
+    except (AblationError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    evaluations = [step for step in steps if isinstance(step, EvalStep)]
+    print(
+        f"ablation: {len(steps) + 1} steps into {args.out} | model {args.model or 'tiny (embedded)'} | schedule "
+        f"{schedule.name} ({schedule.description}) | launcher {launcher.name} | threads {threads}",
+        flush=True,
+    )
+    progress = Progress(len(steps) + 1)
+    try:
+        for step in steps:
+            reason = None if args.force else step.finished()
+            if reason or args.dry_run:
+                progress.mark(step.label, f"skipped, {reason}" if reason else f"would run: {step.command()}")
+                continue
+            if args.force and isinstance(step, StageStep):
+                remove(step.directory)
+            with progress.step(step.label):
+                step.run()
+        if args.dry_run:
+            return 0
+        with progress.step(f"report of {len(evaluations)} variants"):
+            markdown = write_ablation_report(Layout(args.out), evaluations)
+    except (AblationError, StepFailed) as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    print("\n" + markdown.read_text())
+    print(f"report: {markdown}, {markdown.with_suffix('.csv')}, {markdown.with_suffix('.png')}")
+    print(f"total time {clock(progress.elapsed())}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: parse the options and run."""
+    return run(build_parser().parse_args(sys.argv[1:] if argv is None else argv))

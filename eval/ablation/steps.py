@@ -1,0 +1,211 @@
+"""The ablation's steps: base model, data, one per stage run, one per evaluation, the report.
+
+Each step knows whether its work is already done, so a re-run skips it: a model directory is complete once it holds
+`config.json` (the training stack moves it in last), an evaluation once its `results.json` exists (written only after
+its checks pass). A step also records the arguments it ran with (`ablation_step.json`); finding finished work made
+with other arguments stops the run instead of mixing results (redo with `--force`, or use another `--out`). Work
+older than what it was made from (a stage whose parent was retrained since) is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..results import STABLE_NAME
+from .launchers import EvalJob, StepFailed
+from .plan import EvalRun, StageRun
+
+RECORD = "ablation_step.json"
+CONFIG = "config.json"
+
+
+class AblationError(RuntimeError):
+    """Finished work that does not match what this run asks for."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything goes under `--out`."""
+
+    root: Path
+
+    @property
+    def tiny_model(self) -> Path:
+        return self.root / "tiny"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def stage(self, recipe: str) -> Path:
+        return self.root / "stages" / recipe
+
+    def evaluation(self, variant: str) -> Path:
+        return self.root / "eval" / variant
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+
+def _recorded(directory: Path, spec: dict[str, Any], what: str) -> None:
+    """Raise when `directory` records having been made from another `spec`."""
+    path = directory / RECORD
+    if not path.is_file():
+        return
+    recorded = json.loads(path.read_text())
+    if recorded != spec:
+        changed = sorted(key for key in set(spec) | set(recorded) if spec.get(key) != recorded.get(key))
+        details = "; ".join(f"{key}: was {recorded.get(key)!r}, now {spec.get(key)!r}" for key in changed)
+        raise AblationError(
+            f"{what} in {directory} was made with other settings ({details}): pass --force to redo it, "
+            "or use another --out"
+        )
+
+
+def _record(directory: Path, spec: dict[str, Any]) -> None:
+    (directory / RECORD).write_text(json.dumps(spec, indent=1))
+
+
+def remove(directory: Path) -> None:
+    """Delete a step's earlier output (a stale model, or anything under `--force`)."""
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _newer(path: Path, than: Path | None) -> bool:
+    return than is None or not than.exists() or path.stat().st_mtime >= than.stat().st_mtime
+
+
+class Step(Protocol):
+    label: str
+
+    def finished(self) -> str | None:
+        """Why the step can be skipped, or None when it must run."""
+
+    def command(self) -> str:
+        """What the step runs, for `--dry-run`."""
+
+    def run(self) -> None: ...
+
+
+@dataclass
+class TinyModelStep:
+    """Write the embedded tiny LLaVA-OneVision (the base model when no --model is given)."""
+
+    directory: Path
+    label: str = "tiny model"
+
+    def finished(self) -> str | None:
+        return f"in {self.directory}" if (self.directory / CONFIG).is_file() else None
+
+    def command(self) -> str:
+        return f"python -m llava_integration.tiny {self.directory}"
+
+    def run(self) -> None:
+        from llava_integration.tiny import write_tiny
+
+        write_tiny(self.directory)
+
+
+@dataclass
+class SyntheticDataStep:
+    """Write the synthetic dataset (the data when no --data is given): images, records and stage mixtures."""
+
+    directory: Path
+    options: dict[str, Any]
+    label: str = "synthetic data"
+
+    def finished(self) -> str | None:
+        if not (self.directory / "stage2.yaml").is_file():  # the writer's last file
+            return None
+        _recorded(self.directory, self.options, "the synthetic data")
+        return f"in {self.directory}"
+
+    def command(self) -> str:
+        options = " ".join(f"--{key} {value}" for key, value in self.options.items())
+        return f"python -m training.synthetic {self.directory} {options}".strip()
+
+    def run(self) -> None:
+        from training.synthetic import write_synthetic
+
+        write_synthetic(self.directory, **self.options)
+        _record(self.directory, self.options)
+
+
+@dataclass
+class StageStep:
+    """Train one stage run with `python -m training` arguments `argv` into `directory`."""
+
+    run_spec: StageRun
+    argv: list[str]
+    directory: Path
+    parent_directory: Path | None
+    launcher: Any
+
+    @property
+    def label(self) -> str:
+        variants = ", ".join(self.run_spec.variants)
+        return f"train {self.run_spec.recipe} ({variants})"
+
+    def finished(self) -> str | None:
+        config = self.directory / CONFIG
+        if not config.is_file():
+            return None
+        if not _newer(config, None if self.parent_directory is None else self.parent_directory / CONFIG):
+            return None  # trained from an older model of its parent: train it again
+        _recorded(self.directory, {"argv": self.argv}, f"stage {self.run_spec.recipe}")
+        return f"model in {self.directory}"
+
+    def command(self) -> str:
+        return " ".join(self.launcher.train_command(self.argv))
+
+    def run(self) -> None:
+        argv = list(self.argv)
+        if (self.directory / CONFIG).is_file():  # a model made from an older parent: none of it is reusable
+            remove(self.directory)
+        elif any(self.directory.glob("checkpoint-*")) and "--resume_from_checkpoint" not in argv:
+            argv += ["--resume_from_checkpoint", "true"]  # an interrupted run: go on from its last checkpoint
+        self.launcher.train(argv)
+        if not (self.directory / CONFIG).is_file():
+            raise StepFailed(f"stage {self.run_spec.recipe} ended without writing its model to {self.directory}")
+        _record(self.directory, {"argv": self.argv})
+
+
+@dataclass
+class EvalStep:
+    """Evaluate one variant's final model."""
+
+    run_spec: EvalRun
+    job: EvalJob
+    launcher: Any
+
+    @property
+    def label(self) -> str:
+        return f"evaluate {self.run_spec.variant} ({self.run_spec.recipe}) on {','.join(self.job.tasks)}"
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        job = self.job
+        return {"checkpoint": str(job.checkpoint), "tasks": list(job.tasks), "model_args": job.model_args,
+                "limit": job.limit, "extra_args": list(job.extra_args)}  # fmt: skip
+
+    def finished(self) -> str | None:
+        results = self.job.output_dir / STABLE_NAME
+        if not results.is_file() or not _newer(results, self.job.checkpoint / CONFIG):
+            return None
+        _recorded(self.job.output_dir, self.spec, f"the evaluation of {self.run_spec.variant}")
+        return f"results in {results}"
+
+    def command(self) -> str:
+        return " ".join(self.launcher.eval_command(self.job))
+
+    def run(self) -> None:
+        (self.job.output_dir / STABLE_NAME).unlink(missing_ok=True)
+        path = self.launcher.evaluate(self.job)
+        if not path.is_file():
+            raise StepFailed(f"the evaluation of {self.run_spec.variant} wrote no {path}")
+        _record(self.job.output_dir, self.spec)

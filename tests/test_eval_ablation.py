@@ -1,0 +1,183 @@
+"""`python -m eval ablation`: the plan (recipes, order, chaining), skipping finished work on a re-run, and one end-to-end
+run of every step on the tiny default with the smallest schedule."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_eval_tasks import shared_task_manager
+
+from eval.ablation.launchers import InProcessLauncher
+from eval.ablation.main import build_parser, build_steps, run
+from eval.ablation.plan import VARIANT_RECIPES, build_plan
+from eval.ablation.schedule import load_schedule
+from eval.ablation.steps import EvalStep, StageStep
+from eval.benchmarks import load_table
+from training.recipe import RECIPE_DIR
+
+# The paper's four arms, each from stage 1 through stage 2 (REFERENCE.md section 1), written out by hand.
+CHAINS = {
+    "baseline": ["stage1", "stage1.5_nogrid", "stage2_nogrid"],
+    "manager": ["stage1_manager", "stage1.5_manager_nogrid", "stage2_manager_nogrid"],
+    "grid": ["stage1", "stage1.5", "stage2"],
+    "grid_manager": ["stage1_manager", "stage1.5_manager", "stage2_manager"],
+}
+
+
+def test_plan_runs_each_recipe_once_after_the_recipe_it_starts_from():
+    plan = build_plan()
+    order = [run.recipe for run in plan.stages]
+    assert sorted(order) == sorted({recipe for chain in CHAINS.values() for recipe in chain}) and len(order) == 10
+    assert order[:2] == ["stage1", "stage1_manager"]  # stage by stage: the shared stage-1 runs first
+    runs = {run.recipe: run for run in plan.stages}
+    for variant, chain in CHAINS.items():
+        assert [run.parent for run in (runs[recipe] for recipe in chain)] == [None, *chain[:-1]]
+        assert all(variant in runs[recipe].variants for recipe in chain)
+        assert all(order.index(parent) < order.index(child) for parent, child in itertools.pairwise(chain))
+    # The parents agree with the recipe files themselves (read here as plain YAML).
+    for stage in plan.stages:
+        spec = yaml.safe_load((RECIPE_DIR / f"{stage.recipe}.yaml").read_text())
+        assert spec["starts_from"] == stage.parent and spec["stage"] == stage.stage
+    assert runs["stage1"].variants == ("baseline", "grid")
+    assert runs["stage1_manager"].variants == ("manager", "grid_manager")
+    # One evaluation per variant, of its last stage, with grids exactly where the report's table says.
+    table = load_table()
+    assert set(VARIANT_RECIPES) == set(table.variants)
+    assert {e.variant: (e.recipe, e.grid) for e in plan.evaluations} == {
+        variant: (chain[-1], table.variants[variant].grid) for variant, chain in CHAINS.items()
+    }
+
+
+def test_stage_arguments_chain_outputs_and_layer_the_options(tmp_path):
+    args = build_parser().parse_args(
+        ["--out", str(tmp_path), "--train-args", "--max_steps 7 --seed 3", "--model-args", "dtype=bfloat16"]
+    )
+    steps = build_steps(args, load_schedule("tiny"), InProcessLauncher())
+    stages = {step.run_spec.recipe: step for step in steps if isinstance(step, StageStep)}
+
+    def option(step, name):
+        values = [value for flag, value in zip(step.argv, step.argv[1:]) if flag == f"--{name}"]
+        return values[-1]  # argparse keeps the last
+
+    assert option(stages["stage1"], "model_name_or_path") == str(tmp_path / "tiny")
+    assert option(stages["stage2_manager"], "model_name_or_path") == str(tmp_path / "stages" / "stage1.5_manager")
+    assert option(stages["stage1.5"], "data_path") == str(tmp_path / "data" / "stage1.5.yaml")
+    assert option(stages["stage2"], "output_dir") == str(tmp_path / "stages" / "stage2")
+    assert option(stages["stage2"], "max_steps") == "7"  # --train-args win over the schedule
+    schedule = yaml.safe_load((Path(__file__).parents[1] / "eval" / "ablation" / "schedules" / "tiny.yaml").read_text())
+    assert float(option(stages["stage1.5"], "learning_rate")) == schedule["training"]["1.5"]["learning_rate"]
+    evaluations = {step.run_spec.variant: step.job for step in steps if isinstance(step, EvalStep)}
+    assert evaluations["grid"].model_args == "grid=true,dtype=bfloat16"  # the user's dtype replaces the schedule's
+    assert evaluations["manager"].model_args == "grid=false,dtype=bfloat16"
+    assert evaluations["manager"].checkpoint == tmp_path / "stages" / "stage2_manager_nogrid"
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """The ablation sets torch's threads and OMP_NUM_THREADS for its subprocesses: undo both after the test."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+class FakeLauncher:
+    """Writes what a stage or an evaluation would leave, and notes what it was asked to run."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.trained: list[str] = []
+        self.resumed: list[str] = []
+        self.evaluated: list[str] = []
+
+    def train_command(self, argv):
+        return ["train", *argv]
+
+    def eval_command(self, job):
+        return ["eval", job.name]
+
+    def train(self, argv):
+        output = Path(argv[argv.index("--output_dir") + 1])
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text("{}")
+        self.trained.append(argv[argv.index("--recipe") + 1])
+        if "--resume_from_checkpoint" in argv:
+            self.resumed.append(self.trained[-1])
+
+    def evaluate(self, job):
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+        results = {"results": {"manager_tiny": {"exact_match,none": 0.5}, "manager_tiny_mc": {"acc,none": 0.25}}}
+        (job.output_dir / "results.json").write_text(json.dumps(results))
+        self.evaluated.append(job.name)
+        return job.output_dir / "results.json"
+
+
+def test_a_rerun_skips_finished_work_and_redoes_what_is_stale(tmp_path, capsys, one_thread):
+    base = ["--out", str(tmp_path), "--data", str(tmp_path / "data"), "--model", str(tmp_path / "base")]
+    (tmp_path / "data").mkdir()
+    for name in ("stage1.yaml", "stage1.5.yaml", "stage2.yaml"):
+        (tmp_path / "data" / name).write_text("datasets: []\n")
+
+    def ablation(*extra):
+        launcher = FakeLauncher()
+        code = run(build_parser().parse_args([*base, *extra]), launcher)
+        return code, launcher
+
+    code, first = ablation()
+    assert code == 0 and len(first.trained) == 10 and len(first.evaluated) == 4
+    assert sorted(first.trained) == sorted(stage.recipe for stage in build_plan().stages)
+
+    code, again = ablation()
+    assert code == 0 and again.trained == [] and again.evaluated == []
+    assert "train stage2 (grid): skipped, model in" in capsys.readouterr().out
+
+    # An interrupted stage (checkpoints, no config.json) resumes; everything made from it is redone from scratch.
+    os.remove(tmp_path / "stages" / "stage1.5" / "config.json")
+    (tmp_path / "stages" / "stage1.5" / "checkpoint-3").mkdir()
+    (tmp_path / "stages" / "stage2" / "checkpoint-3").mkdir()
+    code, partial = ablation()
+    assert code == 0 and partial.trained == ["stage1.5", "stage2"] and partial.evaluated == ["grid"]
+    assert partial.resumed == ["stage1.5"] and not (tmp_path / "stages" / "stage2" / "checkpoint-3").exists()
+
+    code, changed = ablation("--train-args", "--max_steps 5")
+    assert code == 1 and changed.trained == []
+    assert "stage stage1 in" in capsys.readouterr().err
+
+    code, forced = ablation("--train-args", "--max_steps 5", "--force")
+    assert code == 0 and len(forced.trained) == 10 and len(forced.evaluated) == 4
+
+
+def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_thread):
+    """Every step for real (in-process, 2 training steps per stage, 6 documents per task): all artifacts, a report
+    naming all four variants, and a re-run that has nothing left to do."""
+    launcher = InProcessLauncher(task_manager=shared_task_manager())  # the session's index (built once, 10-20 s)
+    args = build_parser().parse_args(["--out", str(tmp_path), "--schedule", "smoke", "--threads", "1"])
+    assert run(args, launcher) == 0
+    output = capsys.readouterr().out
+    for stage in build_plan().stages:
+        assert (tmp_path / "stages" / stage.recipe / "config.json").is_file(), stage.recipe
+    for variant in VARIANT_RECIPES:
+        results = json.loads((tmp_path / "eval" / variant / "results.json").read_text())
+        assert results["n-samples"]["manager_tiny_mc"]["effective"] == 6
+        assert 0 <= results["results"]["manager_tiny"]["exact_match,none"] <= 1
+    report = tmp_path / "report"
+    labels = [variant.label for variant in load_table().variants.values()]
+    header = (report / "ablation.md").read_text().split("| Task |")[1].splitlines()[0]
+    assert all(f" {label} " in header for label in labels)
+    with (report / "ablation.csv").open() as handle:
+        rows = {row["task"]: row for row in csv.DictReader(handle)}
+    assert all(rows["manager_tiny_mc"][variant] != "" for variant in VARIANT_RECIPES)
+    assert (report / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[17/17" in output and "chance on the 6 manager_tiny documents" in (report / "ablation.md").read_text()
+
+    launcher.train = launcher.evaluate = pytest.fail  # nothing may run again
+    assert run(args, launcher) == 0
+    assert capsys.readouterr().out.count("skipped") == 16
