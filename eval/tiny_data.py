@@ -1,7 +1,7 @@
 """The `manager_tiny` documents: held-out scenes of the training data's own generator, each asked one of its questions.
 
-Scenes, questions and answers come from `training.synthetic` (`generate_scene`, `scene_questions`, `DEFAULT_SIZES`),
-so the tiny models are asked what they were trained on: images of the same distribution, the same phrasing (the
+Scenes, questions and answers come from `training.synthetic` (`generate_scene`, `scene_questions`, a preset's
+sizes), so the tiny models are asked what they were trained on: images of the same distribution, the same phrasing (the
 prompt is the question alone, in the chat template) and the same one-word answers. Scene seeds are strings
 (`manager_tiny:<seed>:<index>`), never one of the integer seeds `write_synthetic` draws its scenes from: evaluated
 scenes are drawn independently of the training scenes. Documents hold the scene's seed and size, not pixels;
@@ -17,28 +17,8 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from training.synthetic import (
-    COLOURS,
-    DEFAULT_SIZES,
-    LETTERS,
-    NUMBER_WORDS,
-    POSITIONS,
-    SHAPES,
-    generate_scene,
-    scene_questions,
-)
-from training.synthetic.scenes import MAX_COUNT
+from training.synthetic import LETTERS, NUMBER_WORDS, generate_scene, get_preset, scene_questions
 
-# Every answer `scene_questions` gives lies in exactly one of these; a multiple-choice document offers its answer
-# and other words of the same kind.
-ANSWER_VOCABULARIES: dict[str, tuple[str, ...]] = {
-    "colour": tuple(sorted(COLOURS)),
-    "shape": SHAPES,
-    "count": NUMBER_WORDS[1 : MAX_COUNT + 1],
-    "position": tuple(sorted(POSITIONS)),
-    "letter": LETTERS,
-    "yes_no": ("yes", "no"),
-}
 NUM_CHOICES = 4  # at most: a yes/no question has two
 # The tasks' shared YAML: its `dataset_kwargs` are `generate_documents`' arguments.
 TASK_CONFIG = Path(__file__).resolve().parent / "tasks" / "manager_tiny" / "_manager_tiny_common.yaml"
@@ -49,27 +29,43 @@ def scene_seed(seed: int, index: int) -> str:
     return f"manager_tiny:{seed}:{index}"
 
 
-def answer_kind(answer: str) -> str:
-    """The kind of question `answer` belongs to (a key of `ANSWER_VOCABULARIES`)."""
-    kinds = [kind for kind, words in ANSWER_VOCABULARIES.items() if answer in words]
+def answer_vocabularies(preset: str = "standard") -> dict[str, tuple[str, ...]]:
+    """The answer words of each kind of question scenes of `preset` are asked: every answer `scene_questions` gives
+    lies in exactly one of them, and a multiple-choice document offers its answer and other words of its kind."""
+    spec = get_preset(preset)
+    words = {
+        "colour": tuple(sorted(spec.colours)),
+        "shape": spec.shapes,
+        "count": NUMBER_WORDS[1 : spec.max_count + 1],
+        "position": tuple(sorted(spec.positions)),
+        "letter": LETTERS,
+        "yes_no": ("yes", "no"),
+    }
+    return {kind: words[kind] for kind in spec.questions}
+
+
+def answer_kind(answer: str, preset: str = "standard") -> str:
+    """The kind of question `answer` belongs to (a key of `answer_vocabularies(preset)`)."""
+    kinds = [kind for kind, words in answer_vocabularies(preset).items() if answer in words]
     if len(kinds) != 1:
         raise ValueError(f"answer {answer!r} is in {len(kinds)} answer vocabularies, expected exactly one")
     return kinds[0]
 
 
-def generate_documents(num_docs: int = 200, seed: int = 0) -> list[dict[str, Any]]:
-    """`num_docs` documents: a held-out scene, one of its questions (drawn like the training data's), the answer and
-    up to `NUM_CHOICES` choices of the answer's kind."""
+def generate_documents(num_docs: int = 200, seed: int = 0, preset: str = "standard") -> list[dict[str, Any]]:
+    """`num_docs` documents: a held-out scene of `preset`, one of its questions (drawn like the training data's), the
+    answer and up to `NUM_CHOICES` choices of the answer's kind."""
     if num_docs < 1:
         raise ValueError(f"num_docs must be a positive int, got {num_docs!r}")
+    vocabularies = answer_vocabularies(preset)
     rng = random.Random(f"manager_tiny:{seed}")
     documents = []
     for index in range(num_docs):
-        width, height = rng.choice(DEFAULT_SIZES)
-        _, facts = generate_scene(random.Random(scene_seed(seed, index)), width, height)
+        width, height = rng.choice(get_preset(preset).sizes)
+        _, facts = generate_scene(random.Random(scene_seed(seed, index)), width, height, preset)
         question, answer = rng.choice(scene_questions(facts, rng))
-        kind = answer_kind(answer)
-        vocabulary = ANSWER_VOCABULARIES[kind]
+        kind = answer_kind(answer, preset)
+        vocabulary = vocabularies[kind]
         others = rng.sample([word for word in vocabulary if word != answer], min(NUM_CHOICES, len(vocabulary)) - 1)
         choices = [answer, *others]
         rng.shuffle(choices)
@@ -77,6 +73,7 @@ def generate_documents(num_docs: int = 200, seed: int = 0) -> list[dict[str, Any
             {
                 "question_id": index,
                 "scene_seed": scene_seed(seed, index),
+                "preset": preset,
                 "width": width,
                 "height": height,
                 "kind": kind,
@@ -91,14 +88,16 @@ def generate_documents(num_docs: int = 200, seed: int = 0) -> list[dict[str, Any
 
 def render(document: dict[str, Any]) -> Image.Image:
     """The RGB image of a document's scene, redrawn from its seed and size."""
-    return generate_scene(random.Random(document["scene_seed"]), document["width"], document["height"])[0]
+    scene_rng = random.Random(document["scene_seed"])
+    return generate_scene(scene_rng, document["width"], document["height"], document["preset"])[0]
 
 
 def chance_scores(documents: list[dict[str, Any]]) -> dict[str, float]:
     """What a model blind to the images scores on average: exact match guessing a word of the answer's kind, and
     multiple choice guessing one of the choices (every kind's answers are equally likely by construction)."""
+    vocabulary_sizes = [len(answer_vocabularies(document["preset"])[document["kind"]]) for document in documents]
     return {
-        "exact_match": sum(1 / len(ANSWER_VOCABULARIES[document["kind"]]) for document in documents) / len(documents),
+        "exact_match": sum(1 / size for size in vocabulary_sizes) / len(documents),
         "multiple_choice": sum(1 / len(document["choices"]) for document in documents) / len(documents),
     }
 

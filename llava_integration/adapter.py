@@ -70,7 +70,9 @@ def load_manager_weights(managers: LayerManagers, tensors: dict[str, torch.Tenso
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"manager weights in {source} do not fit this manager: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"manager weights in {source} do not fit this manager: missing {missing}, unexpected {unexpected}"
+        )
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise ValueError(

@@ -72,7 +72,9 @@ def run(model_dir: str | None, seed: int = 0) -> None:
         image = demo_image()
         inputs = prepare_inputs(processor, [prompt], [[image]], model.config.vision_aspect_ratio)
         visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
-        print(f"image {image.size[0]}x{image.size[1]} -> {inputs['pixel_values'].shape[1]} crops, {visual} visual tokens")
+        print(
+            f"image {image.size[0]}x{image.size[1]} -> {inputs['pixel_values'].shape[1]} crops, {visual} visual tokens"
+        )
 
         with torch.no_grad():
             base_logits = model(**inputs).logits
@@ -105,7 +107,7 @@ def run(model_dir: str | None, seed: int = 0) -> None:
             )
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         print(f"greedy answer of the (random) tiny model: {answer!r}")
 
 

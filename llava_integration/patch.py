@@ -108,7 +108,9 @@ def set_image_aspect_ratio(model: nn.Module, mode: str) -> nn.Module:
     """Choose how images become visual tokens: "square" (base view only, no grid) or "anyres_max_<N>" (AnyRes)."""
     inner = llava_model(model)
     if mode != SQUARE and not _ANYRES_MAX.fullmatch(mode):
-        raise ValueError(f"unknown image aspect ratio {mode!r}: expected 'square' or 'anyres_max_<N>' (e.g. anyres_max_9)")
+        raise ValueError(
+            f"unknown image aspect ratio {mode!r}: expected 'square' or 'anyres_max_<N>' (e.g. anyres_max_9)"
+        )
     managers = getattr(inner, "manager", None)
     if mode == SQUARE and managers is not None and managers.config.grid_type == "grid":
         raise ValueError("grid_type 'grid' manages the grid tokens, but square images (no grid) have none")

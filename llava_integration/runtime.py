@@ -197,7 +197,9 @@ class ManagerRuntime:
             )
         if not manager_layers:
             return outputs
-        experts, lengths = self._manager_features(outputs.hidden_states, image_sizes, batch_num_images, strategy, aspect)
+        experts, lengths = self._manager_features(
+            outputs.hidden_states, image_sizes, batch_num_images, strategy, aspect
+        )
         if self._state is not None:
             self._state.experts = experts
         folded = experts.view(experts.shape[0], -1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -13,7 +14,7 @@ from llava_integration.tiny import CORPUS_WORDS
 from training.data import get_template, read_data, validate_data
 from training.model_setup import configure_processor
 from training.recipe import load_recipe
-from training.synthetic import COLOURS, POSITIONS, generate_scene, scene_questions
+from training.synthetic import COLOURS, POSITIONS, generate_scene, get_preset, scene_questions
 from training.synthetic.__main__ import main as synthetic_main
 
 
@@ -76,3 +77,34 @@ def test_scene_facts_agree_with_the_pixels():
         questions = dict(scene_questions(facts, rng))
         assert questions["What colour is the shape? Answer with a single word."] == facts.colour
     assert checked > 20
+
+
+def test_easy_preset_draws_one_large_centred_shape_on_white_and_asks_only_its_kinds(tmp_path):
+    easy = get_preset("easy")
+    rng = random.Random(1)
+    for _ in range(100):
+        width, height = rng.choice(easy.sizes)
+        image, facts = generate_scene(rng, width, height, "easy")
+        assert (facts.count, facts.position, facts.letter, facts.preset) == (1, "centre", None, "easy")
+        assert facts.shape in easy.shapes and facts.colour in easy.colours
+        assert image.getpixel((width // 2, height // 2)) == COLOURS[facts.colour], facts  # every easy shape is filled
+        assert image.getpixel((0, 0)) == image.getpixel((width - 1, height - 1)) == (255, 255, 255)
+        questions = dict(scene_questions(facts, rng))
+        assert len(questions) == len(easy.questions) == 3
+        yes_no = [question for question in questions if question.startswith("Is there")]
+        assert len(yes_no) == 1 and yes_no[0].split()[3] in easy.colours
+    synthetic_main([str(tmp_path), "--num_scenes", "6", "--preset", "easy"])
+    answers = {turn["value"] for r in json.loads((tmp_path / "qa.json").read_text()) for turn in r["conversations"]}
+    assert "centre" not in answers and not answers & {"one", "two", "three", "four"}
+
+
+def test_presets_refuse_what_they_cannot_draw():
+    with pytest.raises(ValueError, match="unknown scene preset 'hard'"):
+        get_preset("hard")
+    standard = get_preset("standard")
+    with pytest.raises(ValueError, match="plain white background"):
+        replace(standard, plain_background=True)
+    with pytest.raises(ValueError, match="shapes"):
+        replace(standard, shapes=("hexagon",))
+    with pytest.raises(ValueError, match="max_count 5"):
+        replace(standard, max_count=5)

@@ -176,7 +176,9 @@ def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_
         rows = {row["task"]: row for row in csv.DictReader(handle)}
     assert all(rows["manager_tiny_mc"][variant] != "" for variant in VARIANT_RECIPES)
     assert (report / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "[17/17" in output and "chance on the 6 manager_tiny documents" in (report / "ablation.md").read_text()
+    markdown = (report / "ablation.md").read_text()
+    assert "[17/17" in output and "chance on the 6 manager_tiny documents" in markdown
+    assert "standard error of up to 20.4 points: a Δ within ±57.7 is noise" in markdown  # 50 / sqrt(6), x 2 sqrt(2)
 
     launcher.train = launcher.evaluate = pytest.fail  # nothing may run again
     assert run(args, launcher) == 0

@@ -167,8 +167,10 @@ def instruction_tokens(processor):
         turn = max(index for index in range(first_image) if ids[index] == start_id) + 2  # past `<|im_start|>user`
         stop = ids.index(end_id, first_image)
         return torch.tensor(
-            [turn <= index < stop and ids[index] != image_id and bool(tokenizer.decode([ids[index]]).strip())
-             for index in range(len(ids))]
+            [
+                turn <= index < stop and ids[index] != image_id and bool(tokenizer.decode([ids[index]]).strip())
+                for index in range(len(ids))
+            ]
         )
 
     return mask

@@ -11,9 +11,9 @@ import pytest
 
 from eval import TASKS_DIR
 from eval.benchmarks import load_table
-from eval.tiny_data import ANSWER_VOCABULARIES, generate_documents, render
+from eval.tiny_data import answer_vocabularies, generate_documents, render, shipped_documents
 from llava_integration.tiny import CORPUS_WORDS
-from training.synthetic import COLOURS, DEFAULT_SIZES, generate_scene, scene_questions
+from training.synthetic import COLOURS, PRESETS, generate_scene, get_preset, scene_questions
 
 # REFERENCE.md section 2, copied by hand: the paper's protocol.
 LOCAL13 = [
@@ -42,15 +42,18 @@ API7 = [
 ]
 
 
-def test_documents_ask_the_training_questions_with_one_token_answers(tiny_processor):
-    documents = generate_documents(200, seed=3)
-    assert documents == generate_documents(200, seed=3)
-    assert documents != generate_documents(200, seed=4)
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_documents_ask_the_training_questions_with_one_token_answers(tiny_processor, preset):
+    documents = generate_documents(200, seed=3, preset=preset)
+    vocabularies = answer_vocabularies(preset)
+    assert documents == generate_documents(200, seed=3, preset=preset)
+    assert documents != generate_documents(200, seed=4, preset=preset)
     assert len({document["scene_seed"] for document in documents}) == 200
-    assert {document["kind"] for document in documents} == set(ANSWER_VOCABULARIES)
+    assert {document["kind"] for document in documents} == set(vocabularies) == set(get_preset(preset).questions)
     vocabulary = set(CORPUS_WORDS.split())
     for document in documents:
-        _, facts = generate_scene(random.Random(document["scene_seed"]), document["width"], document["height"])
+        scene_rng = random.Random(document["scene_seed"])
+        _, facts = generate_scene(scene_rng, document["width"], document["height"], preset)
         asked = re.fullmatch(r"Is there an? (\w+) (\w+)\? Answer with a single word\.", document["question"])
         if asked:  # the training data's yes/no question names a random colour: its answer follows from the facts
             assert asked.group(2) == facts.shape
@@ -59,17 +62,25 @@ def test_documents_ask_the_training_questions_with_one_token_answers(tiny_proces
             assert (document["question"], document["answer"]) in scene_questions(facts, 0)
         choices = document["choices"]
         assert choices[document["answer_index"]] == document["answer"] and len(set(choices)) == len(choices)
-        assert set(choices) <= set(ANSWER_VOCABULARIES[document["kind"]])
-        assert len(choices) == min(4, len(ANSWER_VOCABULARIES[document["kind"]]))
+        assert set(choices) <= set(vocabularies[document["kind"]])
+        assert len(choices) == min(4, len(vocabularies[document["kind"]]))
         for word in choices:
             assert word in vocabulary
             assert len(tiny_processor.tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
-        assert (document["width"], document["height"]) in DEFAULT_SIZES
+        assert (document["width"], document["height"]) in get_preset(preset).sizes
 
 
-def test_render_draws_the_scene_whose_colour_the_answer_names():
+def test_shipped_tasks_ask_about_the_scenes_the_tiny_ablation_trains_on():
+    from eval.ablation.schedule import load_schedule
+
+    trained_on = load_schedule("tiny").synthetic.get("preset", "standard")
+    assert {document["preset"] for document in shipped_documents()} == {trained_on}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_render_draws_the_scene_whose_colour_the_answer_names(preset):
     checked = 0
-    for document in generate_documents(120, seed=1):
+    for document in generate_documents(120, seed=1, preset=preset):
         image = render(document)
         assert image.size == (document["width"], document["height"])
         assert np.array_equal(np.asarray(image), np.asarray(render(document)))

@@ -133,7 +133,8 @@ def reference_visual_features(model, inputs, vision_layers, aspect):
         grid = [n == 1 for n in per_sample for _ in range(n)]
         crops = [
             image_size_to_num_patches(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
-            if use_grid else 1
+            if use_grid
+            else 1
             for size, use_grid in zip(image_sizes, grid)
         ]
         pixels = torch.cat([values[:count] for values, count in zip(pixel_values, crops)])
@@ -147,7 +148,9 @@ def reference_visual_features(model, inputs, vision_layers, aspect):
                 features.append(projected.reshape(-1, projected.shape[-1]))
             else:
                 packed, _ = inner.pack_image_features(
-                    list(torch.split(projected, crops)), image_sizes, image_newline=inner.image_newline,
+                    list(torch.split(projected, crops)),
+                    image_sizes,
+                    image_newline=inner.image_newline,
                     vision_aspect_ratio=model.config.vision_aspect_ratio,
                 )
                 features.append(torch.cat(packed))
@@ -182,7 +185,9 @@ def test_grid_type_limits_the_manager_to_base_or_grid_tokens(tiny_model, tiny_pr
     inputs = make_inputs(tiny_processor, "anyres_max_9", [[(100, 150)]])
     apply_manager(tiny_model, ManagerConfig(grid_type=grid_type))
     randomise_managers(tiny_model)
-    delta = (streams_entering(tiny_model, inputs, [0], False)[0] - streams_entering(tiny_model, inputs, [0], True)[0])[0]
+    delta = (streams_entering(tiny_model, inputs, [0], False)[0] - streams_entering(tiny_model, inputs, [0], True)[0])[
+        0
+    ]
     visual = (inputs["input_ids"][0] == tiny_model.config.image_token_id).nonzero().squeeze(1)
     base_tokens = (tiny_model.config.vision_config.image_size // tiny_model.config.vision_config.patch_size) ** 2
     touched = delta.abs().amax(-1) > 0
@@ -205,8 +210,9 @@ def test_batch_results_match_each_sample_alone(tiny_model, tiny_processor):
         torch.testing.assert_close(batched[index, -length:], alone[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("aspect, samples", [("anyres_max_9", [[(100, 150)], [(40, 70), (64, 64)]]),
-                                             ("square", [[(100, 150)], []])])
+@pytest.mark.parametrize(
+    "aspect, samples", [("anyres_max_9", [[(100, 150)], [(40, 70), (64, 64)]]), ("square", [[(100, 150)], []])]
+)
 def test_greedy_generate_equals_full_forward_decoding_without_cache(tiny_model, tiny_processor, aspect, samples):
     set_aspect(tiny_model, aspect)
     apply_manager(tiny_model)
@@ -369,7 +375,9 @@ def test_bad_adapters_leave_the_model_untouched(tiny_dir, tiny_model, tmp_path):
     assert_untouched(tiny_model)
 
     config_path.write_text(json.dumps({**original, "vision_layers": [1, 2, 3, 4]}))  # tensors saved for 3 layers
-    with pytest.raises(ValueError, match=r"manager weight layer_embedding.weight in .* has shape \(3, 64\), expected \(4, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"manager weight layer_embedding.weight in .* has shape \(3, 64\), expected \(4, 64\)"
+    ):
         load_manager(tiny_model, tmp_path / "adapter")
     assert_untouched(tiny_model)
 
@@ -377,8 +385,16 @@ def test_bad_adapters_leave_the_model_untouched(tiny_dir, tiny_model, tmp_path):
 def test_models_other_than_llava_onevision_are_refused():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(TypeError, match="expected a LlavaOnevisionForConditionalGeneration .* got Qwen2ForCausalLM"):
         apply_manager(model)
     assert not any("manager" in name for name, _ in model.named_parameters())
@@ -402,14 +418,16 @@ def test_instruction_query_mask_marks_the_text_of_the_user_turn_holding_the_imag
         {"role": "user", "content": [{"type": "text", "text": "Where is it?"}]},
     ]
     chat = tokenizer(tiny_processor.apply_chat_template(conversation), return_tensors="pt")
-    text_only = tokenizer(tiny_processor.apply_chat_template([{"role": "user", "content": "Say yes."}]),
-                          return_tensors="pt")
+    text_only = tokenizer(
+        tiny_processor.apply_chat_template([{"role": "user", "content": "Say yes."}]), return_tensors="pt"
+    )
     plain = tokenizer("<image>a red circle\n", return_tensors="pt")  # stage 1: the only text is the caption
     for encoded, expected in ((chat, QUESTION), (text_only, ""), (plain, "")):
         mask = instruction_query_mask(encoded.input_ids[0], tokenizer)
         assert tokenizer.decode(encoded.input_ids[0][mask]) == expected
-    batch = tokenizer([tiny_processor.apply_chat_template(conversation), "<image>a red circle\n"], padding=True,
-                      return_tensors="pt")
+    batch = tokenizer(
+        [tiny_processor.apply_chat_template(conversation), "<image>a red circle\n"], padding=True, return_tensors="pt"
+    )
     masks = instruction_query_mask(batch.input_ids, tokenizer, batch.attention_mask)
     assert [tokenizer.decode(ids[mask]) for ids, mask in zip(batch.input_ids, masks)] == [QUESTION, ""]
 
@@ -427,9 +445,14 @@ def test_manager_features_are_packed_exactly_as_hf_packs_each_layer(tiny_model, 
     packed, _ = pack_like_main_feature(inner, experts, inputs["image_sizes"], crops, "anyres_max_9")
     with torch.no_grad():
         reference = [
-            torch.cat(inner.pack_image_features(list(torch.split(experts[:, :, n], crops)), inputs["image_sizes"],
-                                                image_newline=inner.image_newline,
-                                                vision_aspect_ratio="anyres_max_9")[0])
+            torch.cat(
+                inner.pack_image_features(
+                    list(torch.split(experts[:, :, n], crops)),
+                    inputs["image_sizes"],
+                    image_newline=inner.image_newline,
+                    vision_aspect_ratio="anyres_max_9",
+                )[0]
+            )
             for n in range(3)
         ]
     assert torch.equal(packed, torch.stack(reference, dim=1))

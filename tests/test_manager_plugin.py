@@ -32,8 +32,14 @@ def test_parameter_count_at_the_05b_defaults_matches_the_paper():
 
 
 def test_config_json_round_trip(tmp_path):
-    config = ManagerConfig(vision_layers=[2, 4, 5], injection_layers=[1, 3], manager_type="adaptive_cross",
-                           grid_type="main", jitter=0.02, hidden_size=64)
+    config = ManagerConfig(
+        vision_layers=[2, 4, 5],
+        injection_layers=[1, 3],
+        manager_type="adaptive_cross",
+        grid_type="main",
+        jitter=0.02,
+        hidden_size=64,
+    )
     config.save(tmp_path)
     assert ManagerConfig.load(tmp_path) == config
     assert ManagerConfig.from_dict(config.to_dict()) == config
@@ -52,7 +58,9 @@ def test_config_json_round_trip(tmp_path):
     ],
 )
 def test_invalid_configs_are_rejected_with_the_value(kwargs, message):
-    with pytest.raises((ValueError, TypeError), match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        (ValueError, TypeError), match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    ):
         ManagerConfig(**kwargs)
 
 
@@ -133,8 +141,7 @@ def test_adaptive_query_variants_match_their_formula(query_type):
 
 
 def test_layer_zero_manager_is_static_and_ignores_the_last_selected_layer():
-    config = ManagerConfig(vision_layers=[1, 2, 3], injection_layers=[0, 2], manager_type="adaptive",
-                           hidden_size=8)
+    config = ManagerConfig(vision_layers=[1, 2, 3], injection_layers=[0, 2], manager_type="adaptive", hidden_size=8)
     managers = LayerManagers(config).eval()
     assert isinstance(managers.managers[0], StaticManager) and managers.managers[0].num_experts == 2
     assert isinstance(managers.managers[1], AdaptiveManager) and managers.managers[1].num_experts == 3
@@ -144,4 +151,6 @@ def test_layer_zero_manager_is_static_and_ignores_the_last_selected_layer():
     changed = experts.clone()
     changed[:, -1] += 1.0
     assert torch.equal(managers(0, experts), managers(0, changed))
-    assert not torch.allclose(managers(2, experts[None], state=state[None]), managers(2, changed[None], state=state[None]))
+    assert not torch.allclose(
+        managers(2, experts[None], state=state[None]), managers(2, changed[None], state=state[None])
+    )

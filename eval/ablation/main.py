@@ -9,6 +9,7 @@ the recipes' own settings (the `full` schedule). Finished steps are skipped on a
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -199,7 +200,14 @@ def chance_notes(tasks: tuple[str, ...], limit: int | None) -> list[str]:
         f"{100 * chance['exact_match']:.2f} (guessing a word of the answer's kind), multiple choice "
         f"{100 * chance['multiple_choice']:.2f} (guessing a choice)"
     )
-    return [note]
+    # A score is a mean of n Bernoulli outcomes: its standard error is at most 50 / sqrt(n) points, and the difference
+    # of two independent scores needs about 2 * sqrt(2) of those to stand out at 95%.
+    standard_error = 50 / math.sqrt(len(documents))
+    noise = (
+        f"each score on {len(documents)} documents has a standard error of up to {standard_error:.1f} points: a Δ "
+        f"within ±{2 * math.sqrt(2) * standard_error:.1f} is noise"
+    )
+    return [note, noise]
 
 
 def write_ablation_report(layout: Layout, evaluations: list[EvalStep]) -> Path:

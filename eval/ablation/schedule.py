@@ -31,7 +31,7 @@ class EvalSettings:
 class Schedule:
     name: str
     description: str
-    synthetic: dict[str, Any] = field(default_factory=dict)  # write_synthetic keywords (num_scenes, seed)
+    synthetic: dict[str, Any] = field(default_factory=dict)  # write_synthetic keywords (num_scenes, seed, preset)
     training: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluation: EvalSettings = EvalSettings()
 
@@ -61,8 +61,8 @@ def load_schedule(name_or_path: str | Path) -> Schedule:
     training = {str(key): dict(value or {}) for key, value in (data.get("training") or {}).items()}
     _check_training(path, training)
     synthetic = dict(data.get("synthetic") or {})
-    if set(synthetic) - {"num_scenes", "seed"}:
-        raise ValueError(f"schedule {path}: synthetic takes num_scenes and seed, got {sorted(synthetic)}")
+    if set(synthetic) - {"num_scenes", "seed", "preset"}:
+        raise ValueError(f"schedule {path}: synthetic takes num_scenes, seed and preset, got {sorted(synthetic)}")
     evaluation = data.get("evaluation") or {}
     try:
         settings = EvalSettings(**evaluation)

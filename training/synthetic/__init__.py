@@ -1,7 +1,20 @@
 """The embedded default dataset: seeded synthetic scenes with captions, questions and answers, in LLaVA format."""
 
-from .scenes import COLOURS, LETTERS, NUMBER_WORDS, POSITIONS, SHAPES, SceneFacts, generate_scene, scene_questions
-from .writer import DEFAULT_SIZES, write_synthetic
+from .scenes import (
+    COLOURS,
+    DEFAULT_SIZES,
+    LETTERS,
+    NUMBER_WORDS,
+    POSITIONS,
+    PRESETS,
+    SHAPES,
+    SceneFacts,
+    ScenePreset,
+    generate_scene,
+    get_preset,
+    scene_questions,
+)
+from .writer import write_synthetic
 
 __all__ = [
     "COLOURS",
@@ -9,9 +22,12 @@ __all__ = [
     "LETTERS",
     "NUMBER_WORDS",
     "POSITIONS",
+    "PRESETS",
     "SHAPES",
     "SceneFacts",
+    "ScenePreset",
     "generate_scene",
+    "get_preset",
     "scene_questions",
     "write_synthetic",
 ]

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from .scenes import COLOURS, NUMBER_WORDS, SHAPES, SINGLE_WORD, generate_scene, scene_questions
+from .scenes import COLOURS, NUMBER_WORDS, SHAPES, SINGLE_WORD, generate_scene, get_preset, scene_questions
 
-# (width, height): square, wide and tall, at 1x-3x the tiny tower's 32 px input.
-DEFAULT_SIZES = ((32, 32), (64, 32), (32, 64), (64, 64), (96, 32), (32, 96), (96, 64), (64, 96))
 SIDES = {"triangle": 3, "square": 4, "rectangle": 4, "diamond": 4}
 
 
@@ -52,16 +50,22 @@ def _turns(pairs: list[tuple[str, str]], images: int = 0) -> list[dict]:
 
 
 def write_synthetic(
-    directory: str | Path, seed: int = 0, num_scenes: int = 48, sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES
+    directory: str | Path,
+    seed: int = 0,
+    num_scenes: int = 48,
+    sizes: tuple[tuple[int, int], ...] | None = None,
+    preset: str = "standard",
 ) -> dict[str, Path]:
-    """Write the synthetic dataset to `directory`; return the paths of its data files and mixtures."""
+    """Write the synthetic dataset of scene `preset` (at its sizes unless `sizes` are given) to `directory`; return
+    the paths of its data files and mixtures."""
     directory = Path(directory)
+    sizes = sizes or get_preset(preset).sizes
     (directory / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     scenes = []
     for index in range(num_scenes):
         width, height = sizes[index % len(sizes)]
-        image, facts = generate_scene(rng, width, height)
+        image, facts = generate_scene(rng, width, height, preset)
         name = f"images/scene_{index:04d}.png"
         image.save(directory / name)
         scenes.append((name, facts))
