@@ -8,10 +8,11 @@ an embedded corpus, the Qwen ChatML chat template, and an image processor with A
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
+
+from manager_plugin.bpe import train_byte_level_bpe
 
 from .chat_template import CHAT_TEMPLATE
 
@@ -36,31 +37,16 @@ Options: Question: Answer: Which letter The
 
 def build_tokenizer():
     """A Qwen2 byte-level BPE tokenizer trained on `CORPUS_WORDS`, with the LLaVA-OV special tokens."""
-    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=640,
-        min_frequency=1,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[SPECIAL_TOKENS[0]],
-    )
     words = CORPUS_WORDS.split()
     # Each word both at the start of a text and after a space, so both forms become single tokens.
     lines = CORPUS_WORDS.strip().splitlines() + [" ".join(words)] * 4 + words
-    bpe.train_from_iterator(lines, trainer=trainer)
-    merges = [tuple(merge) for merge in json.loads(bpe.to_str())["model"]["merges"]]
+    vocab, merges = train_byte_level_bpe(lines, 640, [SPECIAL_TOKENS[0]], split_pattern=PRETOKENIZE_REGEX)
     tokenizer = Qwen2Tokenizer(
-        vocab=bpe.get_vocab(),
+        vocab=vocab,
         merges=merges,
         unk_token="<|endoftext|>",
         eos_token="<|im_end|>",

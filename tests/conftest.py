@@ -45,3 +45,12 @@ def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     """A random RGB image of the given size."""
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module's tests: the tiny model is fastest on one thread, above all on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

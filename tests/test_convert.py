@@ -39,6 +39,7 @@ from llava_integration.conversion.vision_tower import full_tower_config, tower_n
 from llava_integration.patch import resolve_manager_config
 from llava_integration.tiny import CORPUS_WORDS
 from manager_plugin import LayerManagers
+from manager_plugin.bpe import train_byte_level_bpe
 
 VISION = {
     "hidden_size": 32,
@@ -94,26 +95,13 @@ GRID_PINPOINTS = "(1x1),...,(6x6)"
 # -- writing checkpoints in the original layout -------------------------------------------------------------------
 def original_tokenizer():
     """A Qwen2 byte-level BPE tokenizer with Qwen's three special tokens and no <image> token, as Qwen2 ships."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        min_frequency=1,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>"],
-    )
-    bpe.train_from_iterator(CORPUS_WORDS.split() * 2 + CORPUS_WORDS.splitlines(), trainer=trainer)
-    merges = [tuple(merge) for merge in json.loads(bpe.to_str())["model"]["merges"]]
+    lines = CORPUS_WORDS.split() * 2 + CORPUS_WORDS.splitlines()
+    vocab, merges = train_byte_level_bpe(lines, 400, ["<|endoftext|>"])
     tokenizer = Qwen2Tokenizer(
-        vocab=bpe.get_vocab(),
-        merges=merges,
-        unk_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
     tokenizer.add_tokens([AddedToken(token, special=True) for token in (IM_START, "<|im_end|>")], special_tokens=True)
     return tokenizer

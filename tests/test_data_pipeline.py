@@ -20,16 +20,9 @@ from training.data import (
 from training.model_setup import configure_processor
 from training.recipe import load_recipe
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # the tiny model is fastest on one thread
+
 QUESTION = "What colour is the shape? Answer with a single word."
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tiny model is fastest on one thread, above all on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

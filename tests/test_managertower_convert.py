@@ -28,6 +28,8 @@ from manager_plugin.managertower.conversion import ConversionError, convert_ligh
 from manager_plugin.managertower.convert import main
 from manager_plugin.managertower.tiny import build_tokenizer
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # the tiny model is fastest on one thread
+
 VOCAB, WIDTH, HEADS, LAYERS, CROSS, MANAGED, IMAGE, PATCH = 100, 128, 2, 3, 2, 2, 32, 8
 BATCH, LENGTH = 3, 7
 V = "vit_model.visual."
@@ -43,14 +45,6 @@ TASK_LOSSES = {
     "retrieval": {"irtr_itm_itc": 1},
     "base": {},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def hparams(model_type: str = "MT", head: str = "pretrain", **overrides) -> dict:

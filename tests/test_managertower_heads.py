@@ -21,15 +21,9 @@ from manager_plugin.managertower.retrieval import top_k_candidates
 from manager_plugin.managertower.tiny import tiny_config
 from training.managertower.optim import parameter_groups
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # the tiny model is fastest on one thread
+
 VOCAB, BATCH, LENGTH = 100, 4, 7
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,9 @@ from manager_plugin.managertower import (
 from manager_plugin.managertower.tiny import tiny_config
 from manager_plugin.managertower.unimodal import set_image_size
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # the tiny model is fastest on one thread
+
 VOCAB = 100
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: a second thread only adds contention on the shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _bridgetower(seed: int, text_layers, cross_layers, hidden, heads, vision_hidden, image_size, patch, **extra):

@@ -18,6 +18,8 @@ from training.managertower.run import deepspeed_config
 from training.managertower.synthetic import write_synthetic
 from training.managertower.transforms import build_transform
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # the tiny model is fastest on one thread
+
 TASKS = ("pretrain", "vqav2", "snli_ve", "nlvr2", "retrieval")
 EXPECTED_METRICS = {
     "pretrain": {"mlm_accuracy", "itm_accuracy"},
@@ -26,14 +28,6 @@ EXPECTED_METRICS = {
     "nlvr2": {"accuracy"},
     "flickr30k": {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "tr_mean", "ir_mean", "r_mean", "rsum"},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

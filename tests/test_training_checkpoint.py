@@ -15,15 +15,9 @@ from training.data import BadDataError
 from training.synthetic import write_synthetic
 from training.trainer import StageTrainer
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # the tiny model is fastest on one thread
+
 STEPS = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

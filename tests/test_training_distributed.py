@@ -55,19 +55,13 @@ from training.model_setup import configure_processor
 from training.recipe import load_recipe
 from training.synthetic import write_synthetic
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # the tiny model is fastest on one thread
+
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ from training.model_setup import (
 from training.optim import GroupRule, param_groups
 from training.recipe import load_recipe
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # the tiny model is fastest on one thread
+
 # Independent of training.model_setup.PARTS: where each part lives in HF's LLaVA-OneVision.
 PREFIXES = {
     "vision_tower": ("model.vision_tower.",),
@@ -41,14 +43,6 @@ PREFIXES = {
 def part_by_prefix(name: str) -> str:
     name = name.removeprefix("base_model.model.")
     return next(part for part, prefixes in PREFIXES.items() if name.startswith(prefixes))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", ["stage1", "stage1_manager", "stage2_manager", "stage1.5_nogrid"])

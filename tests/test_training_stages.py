@@ -16,6 +16,8 @@ from training.cli import main
 from training.recipe import load_recipe
 from training.synthetic import write_synthetic
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # the tiny model is fastest on one thread
+
 # Each stage after stage 1 starts from the output of the recipe it names (`starts_from`).
 CHAIN = [
     "stage1", "stage1_manager",
@@ -38,14 +40,6 @@ def part_by_prefix(name: str) -> str:
 def weights(directory: Path) -> dict[str, torch.Tensor]:
     """The parameters of a saved model as `load_model` restores them (the file's key layout is HF's business)."""
     return load_model(directory, dtype=torch.float32).state_dict()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
+
+from ..bpe import train_byte_level_bpe
 
 # Words of the synthetic datasets (shapes, colours, positions), so the tiny tokenizer keeps them whole.
 CORPUS = """
@@ -25,22 +26,11 @@ TINY_VISION = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads":
 
 def build_tokenizer():
     """A byte-level BPE RoBERTa tokenizer trained on `CORPUS` (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import RobertaTokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        min_frequency=1,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=SPECIAL_TOKENS,
-    )
     words = CORPUS.split()
-    bpe.train_from_iterator([" ".join(words)] * 4 + words, trainer=trainer)
-    merges = [tuple(merge) for merge in json.loads(bpe.to_str())["model"]["merges"]]
-    return RobertaTokenizer(vocab=bpe.get_vocab(), merges=merges, model_max_length=64)
+    vocab, merges = train_byte_level_bpe([" ".join(words)] * 4 + words, 400, SPECIAL_TOKENS)
+    return RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=64)
 
 
 def tiny_config(vocab_size: int, image_size: int = 32, patch_size: int = 8, **overrides: Any):
