@@ -113,17 +113,7 @@ def build_config(size: BenchSize, processor: LlavaOnevisionProcessor) -> LlavaOn
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
     )
-    return LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_token,
-        video_token_id=video_token,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        image_grid_pinpoints=grid_pinpoints(size),
-        vision_aspect_ratio="anyres_max_9",
-        tie_word_embeddings=True,
-    )
+    return tiny.llava_onevision_config(vision, text, image_token, video_token, grid_pinpoints(size))
 
 
 def build_model(

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from manager_plugin.bpe import train_byte_level_bpe
 
 from .chat_template import CHAT_TEMPLATE
+
+if TYPE_CHECKING:
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
@@ -61,7 +65,7 @@ def build_tokenizer():
 
 def build_config(vocab_size: int, image_token_id: int, video_token_id: int):
     """The tiny `LlavaOnevisionConfig`: SigLIP (6 blocks, width 32) + Qwen2 (6 layers, width 64)."""
-    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+    from transformers import Qwen2Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(
         hidden_size=32,
@@ -82,6 +86,20 @@ def build_config(vocab_size: int, image_token_id: int, video_token_id: int):
         max_position_embeddings=8192,
         tie_word_embeddings=True,
     )
+    return llava_onevision_config(vision, text, image_token_id, video_token_id, GRID_PINPOINTS)
+
+
+def llava_onevision_config(
+    vision: SiglipVisionConfig,
+    text: Qwen2Config,
+    image_token_id: int,
+    video_token_id: int,
+    image_grid_pinpoints: list[list[int]],
+) -> LlavaOnevisionConfig:
+    """A `LlavaOnevisionConfig` around a SigLIP and a Qwen2 config, read as LLaVA-OV-0.5B reads its tower: every
+    patch token of the last hidden state (SigLIP has no CLS), AnyRes up to 9 crops, tied word embeddings."""
+    from transformers import LlavaOnevisionConfig
+
     return LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
@@ -89,7 +107,7 @@ def build_config(vocab_size: int, image_token_id: int, video_token_id: int):
         video_token_id=video_token_id,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
-        image_grid_pinpoints=GRID_PINPOINTS,
+        image_grid_pinpoints=image_grid_pinpoints,
         vision_aspect_ratio="anyres_max_9",
         tie_word_embeddings=True,
     )

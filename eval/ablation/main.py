@@ -26,7 +26,7 @@ DEFAULT_TASKS = "manager_tiny,manager_tiny_mc"
 STAGE_MIXTURES = {"1": "stage1.yaml", "1.5": "stage1.5.yaml", "2": "stage2.yaml"}  # as training.synthetic writes them
 
 EXAMPLES = """examples:
-  python -m eval ablation                                   # the tiny ablation on CPU (about 3 minutes)
+  python -m eval ablation                                   # the tiny ablation on CPU (6-7 minutes)
   python -m eval ablation --schedule smoke --out /tmp/smoke # every step, 2 training steps each (seconds)
   python -m eval ablation --model ckpt/llava-onevision-qwen2-0.5b-si --data data/ --tasks manager_local13 \\
       --out runs/ablation_0.5b --launcher subprocess --nproc 8 --train-args "--deepspeed zero2" \\
