@@ -2,7 +2,8 @@
 
 A manager sees `experts` of shape `(..., N, D)` (N stacked expert layers) and returns `(..., D)`. Adaptive managers
 also see the stream's current `state` `(B, L, D)` at those tokens and, for the query variants, `query` tokens
-`(B, Q, D)` with a boolean `query_mask` `(B, Q)`.
+`(B, Q, D)` with a boolean `query_mask`: `(B, Q)` (every token of a row reads the same query tokens) or `(B, L, Q)`
+(each token its own, e.g. the tokens of several samples flattened into one row, each reading its sample's query).
 
 Adding a variant is one entry in `MANAGER_TYPES`.
 """
@@ -73,20 +74,28 @@ class QueryAttention(nn.Module):
 
     def forward(self, state: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         scores = self.q_proj(state) @ self.k_proj(query).transpose(-1, -2) / math.sqrt(self.q_proj.out_features)
-        scores = scores.masked_fill(~query_mask[:, None, :], torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~_per_token(query_mask), torch.finfo(scores.dtype).min)
         return torch.softmax(scores, dim=-1) @ query
 
 
+def _per_token(query_mask: torch.Tensor) -> torch.Tensor:
+    """A `(B, Q)` query mask as `(B, 1, Q)`, broadcastable like a per-token `(B, L, Q)` one."""
+    return query_mask[:, None, :] if query_mask.dim() == 2 else query_mask
+
+
 def _last_query(state: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-    last = (query_mask.sum(dim=1) - 1).clamp(min=0)
-    picked = query[torch.arange(query.shape[0], device=query.device), last]
-    return picked[:, None, :].expand_as(state)
+    """The last query token the mask keeps (by position, whatever the mask's shape: not its count of tokens)."""
+    mask = _per_token(query_mask)
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    last = torch.where(mask, positions, 0).amax(dim=-1)  # (B, 1 or L); an empty mask picks token 0
+    picked = query.gather(1, last[..., None].expand(-1, -1, query.shape[-1]))
+    return picked.expand_as(state)
 
 
 def _average_query(state: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-    mask = query_mask[..., None].to(query.dtype)
-    mean = (query * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-    return mean[:, None, :].expand_as(state)
+    mask = _per_token(query_mask).to(query.dtype)
+    mean = (mask @ query) / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    return mean.expand_as(state)
 
 
 class AdaptiveManager(Manager):
