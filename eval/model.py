@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,7 +15,14 @@ from loguru import logger
 from tqdm import tqdm
 from transformers import AutoProcessor
 
-from llava_integration import QUERY_MASK_KWARG, load_model, manager_of, prepare_inputs, set_image_aspect_ratio
+from llava_integration import (
+    QUERY_MASK_KWARG,
+    load_model,
+    manager_of,
+    prepare_inputs,
+    prompt_query,
+    set_image_aspect_ratio,
+)
 from llava_integration.query import instruction_query_mask
 
 from .generation import GenerationSettings
@@ -154,9 +160,7 @@ class LlavaOvManager(lmms):
             prompts, images = self._prompts_and_images([requests[index] for index in batch])
             inputs = self._encode(prompts, images)
             query_mask = self._query_mask(inputs["input_ids"], inputs["attention_mask"])
-            if query_mask is not None and settings.num_beams > 1:
-                query_mask = query_mask.repeat_interleave(settings.num_beams, dim=0)
-            with torch.inference_mode(), _on_prefill(self._model, QUERY_MASK_KWARG, query_mask):
+            with torch.inference_mode(), prompt_query(self._model, query_mask):
                 output = self._model.generate(
                     **inputs,
                     **settings.generate_kwargs(),
@@ -253,25 +257,3 @@ class LlavaOvManager(lmms):
         if not self._reads_query:
             return None
         return instruction_query_mask(input_ids, self.tokenizer, attention_mask)
-
-
-@contextmanager
-def _on_prefill(model: torch.nn.Module, name: str, value: torch.Tensor | None) -> Iterator[None]:
-    """Pass `name=value` to the first forward of the inner LLaVA model, i.e. `generate`'s prefill step.
-
-    `generate` refuses keyword arguments its model's forward does not declare, such as the manager's query mask.
-    """
-    if value is None:
-        yield
-        return
-    handle = None
-
-    def add_once(module, args, kwargs):
-        handle.remove()
-        return args, {**kwargs, name: value}
-
-    handle = model.model.register_forward_pre_hook(add_once, with_kwargs=True, prepend=True)
-    try:
-        yield
-    finally:
-        handle.remove()

@@ -5,7 +5,7 @@ from .conversion import ConversionError, convert_hf_to_llava_next, convert_llava
 from .loading import LlavaOnevisionManagerForConditionalGeneration, load_model
 from .patch import apply_manager, manager_of, remove_manager, set_image_aspect_ratio
 from .processing import prepare_inputs
-from .query import instruction_query_mask
+from .query import instruction_query_mask, prompt_query
 from .runtime import QUERY_MASK_KWARG
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "load_model",
     "manager_of",
     "prepare_inputs",
+    "prompt_query",
     "remove_manager",
     "save_manager",
     "set_image_aspect_ratio",

@@ -38,20 +38,33 @@ def base_views(pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def project_layers(
-    model: nn.Module, hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str
+    model: nn.Module,
+    hidden_states: tuple[torch.Tensor | None, ...],
+    layers: list[int],
+    select_strategy: str,
+    crops: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stack the selected vision hidden states and run them through the model's own projector in one call.
 
-    Returns `(num_crops, tokens_per_crop, N, D)`; the layer axis sits before the channels so that folding it into
-    the channels (for packing) is a free view.
+    `crops` (host indices) keeps only those crops. Returns `(num_crops, tokens_per_crop, N, D)`; the layer axis
+    sits before the channels so that folding it into the channels (for packing) is a free view.
     """
     missing = [layer for layer in layers if hidden_states[layer] is None]
     if missing:
         raise RuntimeError(f"the vision tower did not return hidden states {missing}")
-    stacked = torch.stack([hidden_states[layer] for layer in layers], dim=2)
+    selected = [hidden_states[layer] for layer in layers]
+    if crops is not None:
+        selected = [hidden.index_select(0, crops.to(hidden.device, non_blocking=True)) for hidden in selected]
+    stacked = torch.stack(selected, dim=2)
     if select_strategy == "default":
         stacked = stacked[:, 1:]
     return model.multi_modal_projector(stacked)
+
+
+def base_view_crops(crops: list[int]) -> torch.Tensor:
+    """Host indices of each image's base-view crop among the tower's crops (the first crop of each image)."""
+    starts = torch.tensor([0, *crops[:-1]], dtype=torch.long)
+    return torch.cumsum(starts, 0)
 
 
 def pack_like_main_feature(
@@ -113,11 +126,12 @@ def packed_rows(
     return (None if rows is None else rows.long()), lengths.tolist()
 
 
-def grid_selection(lengths: list[int], base_tokens: int, grid_type: str, device: torch.device) -> torch.Tensor | None:
-    """Which packed tokens the manager serves: all, the base view's (`main`), or the rest (`grid`)."""
+def grid_selection(lengths: list[int], base_tokens: int, grid_type: str) -> torch.Tensor | None:
+    """Which packed tokens the manager serves, as a host bool tensor: all (None), the base view's (`main`), or the
+    rest (`grid`). Computed from the lengths alone, on the host: no device work, no sync."""
     if grid_type == "all":
         return None
-    lengths_t = torch.tensor(lengths, device=device)
+    lengths_t = torch.tensor(lengths, dtype=torch.long)
     starts = torch.cumsum(lengths_t, 0) - lengths_t
-    offset = torch.arange(int(lengths_t.sum()), device=device) - torch.repeat_interleave(starts, lengths_t)
+    offset = torch.arange(sum(lengths)) - torch.repeat_interleave(starts, lengths_t)
     return offset < base_tokens if grid_type == "main" else offset >= base_tokens

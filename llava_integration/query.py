@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
+
+from .patch import RUNTIME_ATTRIBUTE, llava_model
 
 TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
 
@@ -43,3 +49,20 @@ def instruction_query_mask(
     if attention_mask is not None:
         mask &= attention_mask.view_as(ids).bool()
     return mask if input_ids.dim() == 2 else mask[0]
+
+
+@contextmanager
+def prompt_query(model: nn.Module, query_mask: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, `generate`'s prefill (whole or chunked) reads `query_mask` `(B, prompt length)` as the query
+    of the adaptive managers; generate cannot take it as an argument. Each chunk reads its own columns, and the
+    mask is repeated for beams. None: the managers use the visual tokens as their query.
+    """
+    runtime = getattr(llava_model(model), RUNTIME_ATTRIBUTE, None)
+    if query_mask is None or runtime is None:
+        yield
+        return
+    runtime.prompt_query_mask = query_mask
+    try:
+        yield
+    finally:
+        runtime.prompt_query_mask = None

@@ -25,63 +25,67 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from manager_plugin import LayerManagers
 
-from .features import SQUARE, base_views, grid_selection, pack_like_main_feature, patches_per_image, project_layers
+from .features import (
+    SQUARE,
+    base_view_crops,
+    base_views,
+    grid_selection,
+    pack_like_main_feature,
+    patches_per_image,
+    project_layers,
+)
 
 QUERY_MASK_KWARG = "manager_query_mask"
+# `generate` carries, per visual token, a row id into the encoding's features: (encoding serial << 32) | row, so that
+# a stale encoding is recognised instead of read as another one's rows; UNMANAGED marks tokens the manager skips.
+_SERIAL_SHIFT = 32
+_ROW_MASK = (1 << _SERIAL_SHIFT) - 1
+_UNMANAGED = _ROW_MASK
 
 
 @dataclass
 class ImageFeaturesWithManager(BaseModelOutputWithPooling):
-    """`get_image_features`' output plus the manager's per-layer features of every visual token.
+    """`get_image_features`' output plus, for `generate`, where each visual token's manager features are.
 
     HF generation encodes images before the prefill forward and then expands (beam search) and slices (chunked
-    prefill) `deepstack_features`, token-aligned with `pooler_output`. The manager's features ride along under that
-    name: one entry holding, per image, `(tokens, N * D)` with the N vision layers folded into the channels.
+    prefill) `deepstack_features`, token-aligned with `pooler_output`. The manager rides along under that name: one
+    entry holding, per image, a `(tokens, 1)` int64 tensor of row ids into the features the runtime keeps (never a
+    copy of the features), released once the prefill has consumed every row.
     """
 
     deepstack_features: list[list[torch.Tensor]] | None = None
 
 
 @dataclass
-class _PaddedLayout:
-    """Where the managed tokens (flat order) sit in a per-sample padded batch `(B, L_max)`."""
+class _Encoding:
+    """Manager features encoded outside a forward (by `generate`), waiting for the prefill forward(s) to read them."""
 
-    sample: torch.Tensor
-    rank: torch.Tensor
-    batch_size: int
-    max_len: int
+    serial: int
+    experts: torch.Tensor  # (M, N, D): the managed tokens only
+    output: ImageFeaturesWithManager
+    row_ids: list[torch.Tensor]  # the list handed out in `output.deepstack_features`
+    managed: torch.Tensor | None  # (V,) bool over the visual tokens; None: all managed
+    consumed: int = 0
 
-    @classmethod
-    def from_positions(cls, positions: torch.Tensor, seq_len: int, batch_size: int) -> _PaddedLayout:
-        sample = positions // seq_len
-        counts = torch.bincount(sample, minlength=batch_size)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(positions.numel(), device=positions.device) - starts[sample]
-        max_len = int(counts.max()) if positions.numel() else 0
-        return cls(sample, rank, batch_size, max_len)
-
-    def pad(self, rows: torch.Tensor) -> torch.Tensor:
-        padded = rows.new_zeros((self.batch_size, self.max_len, *rows.shape[1:]))
-        padded[self.sample, self.rank] = rows
-        return padded
-
-    def valid(self) -> torch.Tensor:
-        mask = torch.zeros(self.batch_size, self.max_len, dtype=torch.bool, device=self.sample.device)
-        mask[self.sample, self.rank] = True
-        return mask
-
-    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        return padded[self.sample, self.rank]
+    def total_rows(self) -> int:
+        """Visual tokens the prefill will read, after `generate` expanded the output for beams."""
+        carried = self.output.deepstack_features
+        return sum(ids.shape[0] for ids in carried[0]) if carried else 0
 
 
 @dataclass
 class _ForwardState:
     pending_layers: set[int]
-    query_mask: torch.Tensor | None = None
-    experts: torch.Tensor | None = None  # (V, N, D): every visual token in sequence order; zero where unmanaged
+    query_mask: torch.Tensor | None = None  # (B, L): this forward's columns of the query mask
+    query_outside: torch.Tensor | None = None  # (B,): the sample's query tokens reach outside this forward
+    experts: torch.Tensor | None = None  # (M, N, D): managed tokens' features
+    rows: torch.Tensor | None = None  # (V,) row of `experts` per visual token, -1 if unmanaged; None: identity
+    managed: torch.Tensor | None = None  # (V,) bool: None when every visual token is managed (and rows is None)
+    all_images: bool = True  # this forward holds every visual token of its batch (no chunked prefill split them)
     image_mask: torch.Tensor | None = None  # (B, T)
-    positions: torch.Tensor | None = None  # (V,) flat indices into B * T
-    padded: dict = field(default_factory=dict)  # adaptive managers: the padded layout and padded experts
+    positions: torch.Tensor | None = None  # (M',) flat indices into B * T of the managed tokens
+    gather: torch.Tensor | None = None  # (M',) rows of `experts` for `positions`; None: `experts` is aligned
+    adaptive: dict = field(default_factory=dict)  # adaptive managers: per-forward query layout
 
 
 class ManagerRuntime:
@@ -90,7 +94,10 @@ class ManagerRuntime:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.managers: LayerManagers | None = None
+        self.prompt_query_mask: torch.Tensor | None = None  # set by `query.prompt_query`, for generate's prefill
         self._state: _ForwardState | None = None
+        self._encoding: _Encoding | None = None
+        self._serial = 0
         self._model_handles: list = []
         self._layer_handles: list = []
         self._replaced: dict[str, object] = {}
@@ -138,6 +145,7 @@ class ManagerRuntime:
         self._layer_handles = []
         self.managers = None
         self._state = None
+        self._encoding = None
 
     # -- one forward ---------------------------------------------------------------------------------------------
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -147,19 +155,79 @@ class ManagerRuntime:
             return args, kwargs
         pending = set(self.managers.config.injection_layers)
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if encoded is not None:  # generate() encoded the images before this prefill forward
-            carried = getattr(encoded, "deepstack_features", None)
-            if carried is None:
-                raise ValueError(
-                    "precomputed mm_encoder_outputs['image'] lack the manager's features: compute them with this "
-                    "patched model's get_image_features, or pass pixel_values"
-                )
-            hidden = self.managers.config.hidden_size
-            experts = torch.cat(carried[0], dim=0).view(-1, len(self.managers.config.vision_layers), hidden)
-            self._state = _ForwardState(pending, query_mask=query_mask, experts=experts)
+        if encoded is not None:  # generate() encoded the images before this prefill forward (or one chunk of it)
+            state = self._state_from_encoding(encoded, pending)
         elif kwargs.get("pixel_values", args[1] if len(args) > 1 else None) is not None:
-            self._state = _ForwardState(pending, query_mask=query_mask)
+            state = _ForwardState(pending)
+        else:  # no images: a decode step or a text-only forward; an encoding nobody consumed is released
+            self._encoding = None
+            return args, kwargs
+        if self.managers.reads_query:
+            self._window_query_mask(state, query_mask, args, kwargs)
+        self._state = state
         return args, kwargs
+
+    def _state_from_encoding(self, encoded, pending: set[int]) -> _ForwardState:
+        """The state of a prefill forward reading features encoded earlier: their rows, never a copy of them."""
+        carried = getattr(encoded, "deepstack_features", None)
+        encoding = self._encoding
+        if carried is None:
+            raise ValueError(
+                "precomputed mm_encoder_outputs['image'] lack the manager's features: compute them with this "
+                "patched model's get_image_features, or pass pixel_values"
+            )
+        ids = carried[0][0] if len(carried[0]) == 1 else torch.cat(carried[0])
+        ids = ids.view(-1)
+        if encoding is None or bool(((ids >> _SERIAL_SHIFT) != encoding.serial).any()):
+            raise ValueError(
+                "precomputed mm_encoder_outputs['image'] were already consumed by an earlier forward (the manager "
+                "frees its features after the prefill) or come from another encoding: call get_image_features again"
+            )
+        rows = ids & _ROW_MASK
+        total = encoding.total_rows()
+        state = _ForwardState(pending, experts=encoding.experts, all_images=ids.numel() == total)
+        if carried[0] is not encoding.row_ids:  # expanded for beams or sliced for a chunk: not the identity
+            state.managed = rows != _UNMANAGED
+            state.rows = rows
+        else:
+            state.managed = encoding.managed
+        encoding.consumed += ids.numel()
+        if encoding.consumed >= total:  # the prefill has read every row: generate's kwargs no longer pin them
+            encoding.output.deepstack_features = None
+            self._encoding = None
+        return state
+
+    def _window_query_mask(self, state: _ForwardState, query_mask: torch.Tensor | None, args: tuple, kwargs: dict):
+        """This forward's columns of the query mask, which may cover the whole prompt of a chunked prefill."""
+        query_mask = self.prompt_query_mask if query_mask is None else query_mask
+        if query_mask is None:
+            return
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"]
+        batch, length = tokens.shape[:2]
+        cache = kwargs.get("cache")
+        past = cache.get_seq_length() if cache is not None else 0
+        if query_mask.dim() != 2 or batch % query_mask.shape[0] != 0:
+            raise ValueError(
+                f"{QUERY_MASK_KWARG} has shape {tuple(query_mask.shape)}: expected (batch, sequence) with batch "
+                f"{batch} (or a divisor of it that generate expanded for beams)"
+            )
+        if query_mask.shape[0] != batch:  # generate repeats each sample for its beams / returned sequences
+            query_mask = query_mask.repeat_interleave(batch // query_mask.shape[0], dim=0)
+        query_mask = query_mask.to(device=tokens.device, dtype=torch.bool)
+        if query_mask.shape[1] == length:
+            start = 0
+        elif query_mask.shape[1] >= past + length:
+            start = past
+        else:
+            raise ValueError(
+                f"{QUERY_MASK_KWARG} has {query_mask.shape[1]} columns: expected this forward's {length} tokens or "
+                f"the whole prompt ({past} cached + {length} new tokens at least)"
+            )
+        window = query_mask[:, start : start + length]
+        state.query_mask = window
+        state.query_outside = query_mask.sum(dim=1) != window.sum(dim=1)
 
     def _end(self, module: nn.Module, args: tuple, output) -> None:
         self._state = None
@@ -180,7 +248,8 @@ class ManagerRuntime:
         strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
         aspect = vision_aspect_ratio or config.vision_aspect_ratio
         manager_layers = self.managers.config.vision_layers if self.managers is not None else []
-        if manager_layers and kwargs.get("output_hidden_states") is not True:
+        caller_wants_hidden_states = kwargs.get("output_hidden_states") is True
+        if manager_layers and not caller_wants_hidden_states:
             kwargs["output_hidden_states"] = [feature_layer, *manager_layers]
 
         if aspect == SQUARE:
@@ -197,13 +266,36 @@ class ManagerRuntime:
             )
         if not manager_layers:
             return outputs
-        experts, lengths = self._manager_features(
-            outputs.hidden_states, image_sizes, batch_num_images, strategy, aspect
+        lengths = [feature.shape[0] for feature in outputs.pooler_output]  # visual tokens per image
+        experts, managed = self._manager_features(
+            outputs.hidden_states, image_sizes, batch_num_images, strategy, aspect, lengths
         )
-        if self._state is not None:
-            self._state.experts = experts
-        folded = experts.view(experts.shape[0], -1)
-        return ImageFeaturesWithManager(**outputs, deepstack_features=[list(torch.split(folded, lengths))])
+        if not caller_wants_hidden_states:  # keep only what HF's own call keeps: the main feature's layer
+            keep = feature_layer % len(outputs.hidden_states)
+            outputs.hidden_states = tuple(
+                hidden if index == keep else None for index, hidden in enumerate(outputs.hidden_states)
+            )
+        if self._state is not None:  # inside a forward: the injection hooks read the features directly
+            self._state.experts, self._state.managed = experts, managed
+            return ImageFeaturesWithManager(**outputs)
+        return self._issue(ImageFeaturesWithManager(**outputs), experts, managed, lengths)
+
+    def _issue(
+        self, output: ImageFeaturesWithManager, experts: torch.Tensor, managed: torch.Tensor | None, lengths: list
+    ) -> ImageFeaturesWithManager:
+        """Hand out row ids of `experts` for `generate` to expand and slice; the runtime keeps the features."""
+        self._serial += 1
+        device = experts.device
+        if managed is None:
+            rows = torch.arange(experts.shape[0], device=device)
+        else:
+            rows = torch.full(managed.shape, _UNMANAGED, dtype=torch.long, device=device)
+            rows[managed] = torch.arange(experts.shape[0], device=device)
+        ids = (rows | (self._serial << _SERIAL_SHIFT))[:, None]
+        row_ids = list(torch.split(ids, lengths))
+        output.deepstack_features = [row_ids]
+        self._encoding = _Encoding(self._serial, experts, output, row_ids, managed)
+        return output
 
     def _square_image_features(
         self, pixel_values: torch.Tensor, feature_layer: int, strategy: str, manager_layers: list[int], **kwargs
@@ -224,18 +316,34 @@ class ManagerRuntime:
         batch_num_images: torch.Tensor | None,
         strategy: str,
         aspect: str,
-    ) -> tuple[torch.Tensor, list[int]]:
-        """`(V, N, D)` features of every visual token and the tokens per image; zero at unmanaged tokens."""
+        lengths: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(M, N, D)` features of the managed visual tokens and which visual tokens those are (None: all).
+
+        `grid_type` "main" projects the base views only (their tokens come first in each image, unpacked);
+        "grid" projects and packs every crop, then keeps the grid tokens.
+        """
         config = self.managers.config
-        projected = project_layers(self.model, hidden_states, config.vision_layers, strategy)
-        experts = self.managers.layer_embedding(projected)
         crops = patches_per_image(self.model.config, image_sizes, batch_num_images, aspect)
-        experts, lengths = pack_like_main_feature(self.model, experts, image_sizes, crops, aspect)
-        managed = grid_selection(lengths, projected.shape[1], config.grid_type, experts.device)
-        if managed is not None:
-            # Zeroed features give an exactly zero delta there, and keep the features token-aligned for generate().
-            experts = experts * managed[:, None, None].to(experts.dtype)
-        return experts, lengths
+        main_only = config.grid_type == "main"
+        projected = project_layers(
+            self.model, hidden_states, config.vision_layers, strategy, base_view_crops(crops) if main_only else None
+        )
+        experts = self.managers.layer_embedding(projected)
+        tokens = projected.shape[1]
+        managed = grid_selection(lengths, tokens, config.grid_type)
+        if main_only:
+            experts = experts.reshape(-1, *experts.shape[2:])
+        else:
+            experts, packed_lengths = pack_like_main_feature(self.model, experts, image_sizes, crops, aspect)
+            if packed_lengths != lengths:
+                raise RuntimeError(f"the manager packed {packed_lengths} tokens per image, HF packed {lengths}")
+            if managed is not None:
+                rows = managed.nonzero().squeeze(1)  # host: no device sync
+                experts = experts.index_select(0, rows.to(experts.device, non_blocking=True))
+        if managed is not None and bool(managed.all()):  # square images with "main": every token is a base token
+            managed = None
+        return experts, None if managed is None else managed.to(experts.device, non_blocking=True)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
         """HF's `get_placeholder_mask`; the image mask is kept for the injection hooks."""
@@ -255,73 +363,90 @@ class ManagerRuntime:
         flat = hidden.reshape(-1, hidden.shape[-1])
         if self.managers.needs_state and layer != 0:
             delta = self._adaptive_delta(layer, state, flat, positions, hidden.shape[:2])
-        else:
+        elif state.gather is None:
             delta = self.managers(layer, state.experts)
+        elif state.gather.numel() >= state.experts.shape[0]:  # beams: every row, some repeated: weigh rows once
+            delta = self.managers(layer, state.experts).index_select(0, state.gather)
+        else:  # a chunk of the prefill: only its rows
+            delta = self.managers(layer, state.experts.index_select(0, state.gather))
         updated = flat.index_add(0, positions, delta.to(hidden.dtype)).view_as(hidden)
 
         state.pending_layers.discard(layer)
         if not state.pending_layers:  # the last injection layer: free the per-layer features now
             state.experts = None
-            state.padded = {}
+            state.adaptive = {}
         if args:
             return (updated, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": updated}
 
     def _positions(self, state: _ForwardState, hidden: torch.Tensor) -> torch.Tensor:
+        """Flat positions of the managed visual tokens (and, for features read by row id, their rows)."""
         if state.positions is None:
             if state.image_mask is None:
                 raise RuntimeError("the manager's features were captured but HF's image placeholder mask was not")
             positions = state.image_mask.reshape(-1).nonzero().squeeze(1)
-            if positions.numel() != state.experts.shape[0]:
+            visual = state.managed.shape[0] if state.managed is not None else state.experts.shape[0]
+            if positions.numel() != visual:
                 raise RuntimeError(
-                    f"the manager packed {state.experts.shape[0]} visual tokens but the sequence holds "
+                    f"the manager has features of {visual} visual tokens but the sequence holds "
                     f"{positions.numel()} image placeholder tokens"
                 )
+            if state.managed is not None:
+                if state.rows is not None:
+                    state.gather = state.rows[state.managed].to(hidden.device)
+                positions = positions[state.managed.to(positions.device)]
             state.positions = positions.to(hidden.device)
         return state.positions
 
     def _adaptive_delta(
         self, layer: int, state: _ForwardState, flat: torch.Tensor, positions: torch.Tensor, batch_seq: torch.Size
     ) -> torch.Tensor:
-        batch_size, seq_len = batch_seq
-        if not state.padded:
-            layout = _PaddedLayout.from_positions(positions, seq_len, batch_size)
-            query_positions = self._query_positions(state, positions, batch_size, seq_len, flat.device)
-            query_layout = _PaddedLayout.from_positions(query_positions, seq_len, batch_size)
-            state.padded = {
-                "layout": layout,
-                "experts": layout.pad(state.experts),
-                "query_layout": query_layout,
-                "query_positions": query_positions,
-                "query_valid": query_layout.valid(),
-            }
-        padded = state.padded
-        layout, query_layout = padded["layout"], padded["query_layout"]
-        out = self.managers(
+        """The adaptive manager on the managed tokens of every sample as one flat row: no padding, no copies of the
+        features; each token reads its own sample's query tokens through a per-token query mask."""
+        experts = state.experts if state.gather is None else state.experts.index_select(0, state.gather)
+        if not self.managers.reads_query:
+            return self.managers(layer, experts[None], state=flat[positions][None])[0]
+        if not state.adaptive:
+            state.adaptive = self._query_layout(state, positions, *batch_seq)
+        layout = state.adaptive
+        return self.managers(
             layer,
-            padded["experts"],
-            state=layout.pad(flat[positions]),
-            query=query_layout.pad(flat[padded["query_positions"]]),
-            query_mask=padded["query_valid"],
-        )
-        return layout.unpad(out)
+            experts[None],
+            state=flat[positions][None],
+            query=flat[layout["query_positions"]][None],
+            query_mask=layout["query_mask"][None],
+        )[0]
 
     @staticmethod
-    def _query_positions(
-        state: _ForwardState, positions: torch.Tensor, batch_size: int, seq_len: int, device: torch.device
-    ) -> torch.Tensor:
-        """Flat positions of each sample's query tokens; a sample with none uses its managed visual tokens."""
-        managed = torch.zeros(batch_size * seq_len, dtype=torch.bool, device=device)
-        managed[positions] = True
-        managed = managed.view(batch_size, seq_len)
+    def _query_layout(state: _ForwardState, positions: torch.Tensor, batch_size: int, seq_len: int) -> dict:
+        """Flat positions of each sample's query tokens (its instruction, else its visual tokens), and which of them
+        each managed token reads."""
+        device = positions.device
+        visual = state.image_mask.to(device=device, dtype=torch.bool)
         if state.query_mask is None:
-            query = managed
+            query, fallback = visual, torch.ones(batch_size, dtype=torch.bool, device=device)
         else:
-            query = state.query_mask.to(device=device, dtype=torch.bool)
-            if query.shape != (batch_size, seq_len):
-                raise ValueError(
-                    f"{QUERY_MASK_KWARG} has shape {tuple(query.shape)}: expected (batch, sequence) = "
-                    f"({batch_size}, {seq_len})"
-                )
-            query = torch.where(query.any(dim=1, keepdim=True), query, managed)
-        return query.reshape(-1).nonzero().squeeze(1)
+            has_query = state.query_mask.any(dim=1) | state.query_outside
+            query = torch.where(has_query[:, None], state.query_mask, visual)
+            fallback = ~has_query
+        token_sample = positions // seq_len
+        served = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        served[token_sample] = True
+        if state.query_outside is not None and bool((served & state.query_outside).any()):
+            split = (served & state.query_outside).nonzero().squeeze(1).tolist()
+            raise ValueError(
+                f"chunked prefill: samples {split} have visual tokens in this chunk but query tokens in another, and "
+                "the adaptive manager reads them together: use a prefill_chunk_size that keeps each sample's images "
+                "and instruction in one chunk, or none"
+            )
+        if not state.all_images and bool((served & fallback).any()):
+            raise ValueError(
+                "chunked prefill split the visual tokens of a sample without query tokens, which an adaptive query "
+                "manager reads all together: pass the instruction as query (query.prompt_query) or use no chunking"
+            )
+        query_positions = query.reshape(-1).nonzero().squeeze(1)
+        query_sample = query_positions // seq_len
+        return {
+            "query_positions": query_positions,
+            "query_mask": token_sample[:, None] == query_sample[None, :],
+        }

@@ -61,6 +61,11 @@ class LayerManagers(nn.Module):
         """Whether any manager reads the stream's state (adaptive managers), not only the expert layers."""
         return not all(isinstance(manager, StaticManager) for manager in self.managers)
 
+    @property
+    def reads_query(self) -> bool:
+        """Whether any manager reads query tokens (adaptive_last / average / cross), not only the managed tokens."""
+        return any(getattr(manager, "query_type", None) is not None for manager in self.managers)
+
     def forward(
         self,
         injection_layer: int,

@@ -194,9 +194,10 @@ def test_adaptive_query_managers_get_the_instruction_tokens(tiny_dir, tmp_path):
         assert score.text[0] == pytest.approx(-expected, abs=1e-4)
         assert abs(expected - without_query) > 1e-3  # the query matters, so a missing mask would show
 
-    seen = []
+    seen = []  # the query mask the runtime holds for each forward of generate, once its pre-hook has run
+    runtime = evaluated.model.model._manager_runtime
     spy = evaluated.model.model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs.get(QUERY_MASK_KWARG)), with_kwargs=True, prepend=True
+        lambda module, args: seen.append(None if runtime._state is None else runtime._state.query_mask)
     )
     try:
         evaluated.generate_until(
@@ -216,6 +217,7 @@ def test_adaptive_query_managers_get_the_instruction_tokens(tiny_dir, tmp_path):
     )["input_ids"][0]
     assert torch.equal(seen[0][0], instruction_tokens(processor)(prompt_ids))  # the prefill step gets the mask
     assert all(mask is None for mask in seen[1:])  # decode steps do not
+    assert runtime.prompt_query_mask is None  # nor does anything after generate
 
 
 def test_model_arguments(tiny_dir, static_checkpoint, tmp_path):
