@@ -96,7 +96,7 @@ class ManagerRuntime:
         self.managers: LayerManagers | None = None
         self.prompt_query_mask: torch.Tensor | None = None  # set by `query.prompt_query`, for generate's prefill
         self._state: _ForwardState | None = None
-        self._encoding: _Encoding | None = None
+        self._encoding: _Encoding | None = None  # the latest encoding made outside a forward, until consumed
         self._serial = 0
         self._model_handles: list = []
         self._layer_handles: list = []
@@ -159,8 +159,7 @@ class ManagerRuntime:
             state = self._state_from_encoding(encoded, pending)
         elif kwargs.get("pixel_values", args[1] if len(args) > 1 else None) is not None:
             state = _ForwardState(pending)
-        else:  # no images: a decode step or a text-only forward; an encoding nobody consumed is released
-            self._encoding = None
+        else:  # no images: a decode step, a text-only forward or a chunk of the prompt before the images
             return args, kwargs
         if self.managers.reads_query:
             self._window_query_mask(state, query_mask, args, kwargs)
