@@ -75,7 +75,9 @@ CASES = [("static", "anyres_max_9"), ("adaptive_last", "anyres_max_9"), ("static
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("manager_type, aspect", CASES)
-def test_zero_initialised_manager_is_the_base_model_in_every_mode(tiny_model, tiny_processor, manager_type, aspect, mode):
+def test_zero_initialised_manager_is_the_base_model_in_every_mode(
+    tiny_model, tiny_processor, manager_type, aspect, mode
+):
     inputs, query = batch(tiny_model, tiny_processor, aspect)
     settings = dict(MODES[mode])
     if mode == "chunked" and manager_type == "adaptive_last":
