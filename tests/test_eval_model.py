@@ -182,7 +182,7 @@ def test_multiple_choice_encodes_each_document_once_and_scores_like_one_choice_a
     reference = load_model(static_checkpoint, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(static_checkpoint)
     for score, request in zip(scores, choice_requests):
-        context, choice, _, doc_id, _, _ = request.args
+        _, choice, _, doc_id, _, _ = request.args
         expected, expected_greedy = reference_loglikelihood(reference, processor, documents()[doc_id], choice)
         assert -score.text[0] == pytest.approx(expected, abs=1e-5)
         assert score.text[1] == expected_greedy
