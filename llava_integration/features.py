@@ -38,33 +38,62 @@ def base_views(pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def project_layers(
-    model: nn.Module,
-    hidden_states: tuple[torch.Tensor | None, ...],
-    layers: list[int],
-    select_strategy: str,
-    crops: torch.Tensor | None = None,
+    model: nn.Module, hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str
 ) -> torch.Tensor:
     """Stack the selected vision hidden states and run them through the model's own projector in one call.
 
-    `crops` (host indices) keeps only those crops. Returns `(num_crops, tokens_per_crop, N, D)`; the layer axis
-    sits before the channels so that folding it into the channels (for packing) is a free view.
+    Returns `(num_crops, tokens_per_crop, N, D)`; the layer axis sits before the channels so that folding it into
+    the channels (for packing) is a free view.
     """
-    missing = [layer for layer in layers if hidden_states[layer] is None]
-    if missing:
-        raise RuntimeError(f"the vision tower did not return hidden states {missing}")
-    selected = [hidden_states[layer] for layer in layers]
-    if crops is not None:
-        selected = [hidden.index_select(0, crops.to(hidden.device, non_blocking=True)) for hidden in selected]
-    stacked = torch.stack(selected, dim=2)
+    stacked = torch.stack(_selected(hidden_states, layers), dim=2)
     if select_strategy == "default":
         stacked = stacked[:, 1:]
     return model.multi_modal_projector(stacked)
 
 
-def base_view_crops(crops: list[int]) -> torch.Tensor:
-    """Host indices of each image's base-view crop among the tower's crops (the first crop of each image)."""
-    starts = torch.tensor([0, *crops[:-1]], dtype=torch.long)
-    return torch.cumsum(starts, 0)
+def project_rows(
+    model: nn.Module,
+    hidden_states: tuple[torch.Tensor | None, ...],
+    layers: list[int],
+    select_strategy: str,
+    rows: torch.Tensor | None,
+    layer_embedding: torch.Tensor,
+) -> torch.Tensor:
+    """`(R, N, D)` features (projected, plus each layer's embedding) of the crop tokens at host indices `rows` into
+    `(num_crops * tokens_per_crop)`, -1 for a newline token (the model's `image_newline`); None: every crop token.
+
+    The projector acts on each token alone, so selecting tokens before projecting equals packing after it: only the
+    tokens the manager serves are projected, one layer at a time (no stacked copy of every vision layer).
+    """
+    selected = _selected(hidden_states, layers)
+    crops, length, channels = selected[0].shape
+    skip = 1 if select_strategy == "default" else 0  # the CLS token
+    if rows is None:
+        rows = torch.arange(crops * (length - skip))
+    newlines = (rows < 0).nonzero().squeeze(1)  # host tensors: no device sync
+    rows = rows.clamp(min=0)
+    index = (rows // (length - skip) * length + rows % (length - skip) + skip).to(selected[0].device, non_blocking=True)
+    per_layer = [
+        model.multi_modal_projector(hidden.reshape(-1, channels).index_select(0, index)) + layer_embedding[n]
+        for n, hidden in enumerate(selected)
+    ]
+    experts = torch.stack(per_layer, dim=1)
+    if newlines.numel():
+        experts[newlines.to(experts.device, non_blocking=True)] = model.image_newline.to(experts.dtype)
+    return experts
+
+
+def _selected(hidden_states: tuple[torch.Tensor | None, ...], layers: list[int]) -> list[torch.Tensor]:
+    missing = [layer for layer in layers if hidden_states[layer] is None]
+    if missing:
+        raise RuntimeError(f"the vision tower did not return hidden states {missing}")
+    return [hidden_states[layer] for layer in layers]
+
+
+def base_view_rows(crops: list[int], tokens: int) -> torch.Tensor:
+    """Host indices into `(num_crops * tokens)` of each image's base-view tokens (its first crop), image by image."""
+    starts = torch.cumsum(torch.tensor([0, *crops[:-1]], dtype=torch.long), 0)
+    return (starts[:, None] * tokens + torch.arange(tokens)).reshape(-1)
 
 
 def pack_like_main_feature(
@@ -78,21 +107,10 @@ def pack_like_main_feature(
 
     HF's `pack_image_features` stitches crops, unpads, bilinearly downsamples (anyres_max) and appends newline
     tokens. All of these act on each channel alone, so the N layers fold into the channel axis and go through that
-    same public method; every layer's newline token is the model's `image_newline`. In square mode each image is its
-    base view, with no newline token. Returns `(num_visual_tokens, N, D)` and the tokens per image.
+    same public method; every layer's newline token is the model's `image_newline`. Returns `(num_visual_tokens, N, D)` and the tokens per image. Used when some
+    image is downsampled; otherwise packing only selects tokens, and `project_rows` selects them before projecting.
     """
     num_crops, tokens, layers, hidden = experts.shape
-    if vision_aspect_ratio == SQUARE:
-        return experts.reshape(num_crops * tokens, layers, hidden), [tokens] * num_crops
-    rows, lengths = packed_rows(model, image_sizes, crops, tokens, vision_aspect_ratio)
-    if rows is not None:
-        # Packing only selected and reordered tokens: one gather of the N-layer features instead of HF's four
-        # copies of them (stitch, newline, base view, images), then the newline rows.
-        newlines = (rows < 0).nonzero().squeeze(1)  # host tensors: no device sync
-        flat = experts.reshape(num_crops * tokens, layers, hidden)
-        packed = flat.index_select(0, rows.clamp(min=0).to(experts.device, non_blocking=True))
-        packed[newlines.to(experts.device, non_blocking=True)] = model.image_newline.to(packed.dtype)
-        return packed, lengths
     folded = experts.reshape(num_crops, tokens, layers * hidden)
     newline = model.image_newline.to(experts.dtype).repeat(layers)
     packed, lengths = model.pack_image_features(

@@ -27,12 +27,14 @@ from manager_plugin import LayerManagers
 
 from .features import (
     SQUARE,
-    base_view_crops,
+    base_view_rows,
     base_views,
     grid_selection,
     pack_like_main_feature,
+    packed_rows,
     patches_per_image,
     project_layers,
+    project_rows,
 )
 
 QUERY_MASK_KWARG = "manager_query_mask"
@@ -86,6 +88,10 @@ class _ForwardState:
     positions: torch.Tensor | None = None  # (M',) flat indices into B * T of the managed tokens
     gather: torch.Tensor | None = None  # (M',) rows of `experts` for `positions`; None: `experts` is aligned
     adaptive: dict = field(default_factory=dict)  # adaptive managers: per-forward query layout
+
+
+def _on(mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if mask is None else mask.to(device, non_blocking=True)
 
 
 class ManagerRuntime:
@@ -319,30 +325,38 @@ class ManagerRuntime:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(M, N, D)` features of the managed visual tokens and which visual tokens those are (None: all).
 
-        `grid_type` "main" projects the base views only (their tokens come first in each image, unpacked);
-        "grid" projects and packs every crop, then keeps the grid tokens.
+        Only the managed tokens are projected: `grid_type` "main" the base views, "grid" the grid tokens, and none of
+        the tokens unpadding drops. An image downsampled by anyres_max mixes tokens, so there every crop token is
+        projected and packed through HF's own packing, then the managed ones kept.
         """
         config = self.managers.config
         crops = patches_per_image(self.model.config, image_sizes, batch_num_images, aspect)
-        main_only = config.grid_type == "main"
-        projected = project_layers(
-            self.model, hidden_states, config.vision_layers, strategy, base_view_crops(crops) if main_only else None
-        )
-        experts = self.managers.layer_embedding(projected)
-        tokens = projected.shape[1]
+        tokens = hidden_states[config.vision_layers[0]].shape[1] - (1 if strategy == "default" else 0)
         managed = grid_selection(lengths, tokens, config.grid_type)
-        if main_only:
-            experts = experts.reshape(-1, *experts.shape[2:])
-        else:
-            experts, packed_lengths = pack_like_main_feature(self.model, experts, image_sizes, crops, aspect)
-            if packed_lengths != lengths:
-                raise RuntimeError(f"the manager packed {packed_lengths} tokens per image, HF packed {lengths}")
-            if managed is not None:
-                rows = managed.nonzero().squeeze(1)  # host: no device sync
-                experts = experts.index_select(0, rows.to(experts.device, non_blocking=True))
-        if managed is not None and bool(managed.all()):  # square images with "main": every token is a base token
+        if aspect == SQUARE and managed is not None and bool(managed.all()):  # "main" on square images: all
             managed = None
-        return experts, None if managed is None else managed.to(experts.device, non_blocking=True)
+        embedding = self.managers.layer_embedding.weight
+        if aspect == SQUARE:
+            rows = None if managed is None else managed.nonzero().squeeze(1)
+        elif config.grid_type == "main":
+            rows = base_view_rows(crops, tokens)
+        else:
+            rows, packed_lengths = packed_rows(self.model, image_sizes, crops, tokens, aspect)
+            if packed_lengths != lengths:
+                raise RuntimeError(f"the manager packs {packed_lengths} tokens per image, HF packed {lengths}")
+            if rows is None:  # some image was downsampled
+                projected = project_layers(self.model, hidden_states, config.vision_layers, strategy)
+                experts, _ = pack_like_main_feature(
+                    self.model, self.managers.layer_embedding(projected), image_sizes, crops, aspect
+                )
+                if managed is not None:
+                    kept = managed.nonzero().squeeze(1)  # host: no device sync
+                    experts = experts.index_select(0, kept.to(experts.device, non_blocking=True))
+                return experts, _on(managed, experts.device)
+            if managed is not None:
+                rows = rows[managed]
+        experts = project_rows(self.model, hidden_states, config.vision_layers, strategy, rows, embedding)
+        return experts, _on(managed, experts.device)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
         """HF's `get_placeholder_mask`; the image mask is kept for the injection hooks."""

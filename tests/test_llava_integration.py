@@ -434,25 +434,34 @@ def test_instruction_query_mask_marks_the_text_of_the_user_turn_holding_the_imag
 
 @pytest.mark.parametrize("sizes, gathered", [([(64, 64)], True), ([(33, 200), (64, 64)], True), ([(190, 190)], False)])
 def test_manager_features_are_packed_exactly_as_hf_packs_each_layer(tiny_model, tiny_processor, sizes, gathered):
-    """Packing by row gather (no downsampling) or by HF's packing (downsampled) equals HF packing each layer alone."""
-    from llava_integration.features import pack_like_main_feature, packed_rows, patches_per_image
+    """Projecting only the packed rows (no downsampling), or packing by HF's packing (downsampled), equals HF
+    packing each layer's projected features alone."""
+    from llava_integration.features import pack_like_main_feature, packed_rows, patches_per_image, project_rows
 
     inner = tiny_model.model
     inputs = make_inputs(tiny_processor, "anyres_max_9", [[size] for size in sizes])
     crops = patches_per_image(inner.config, inputs["image_sizes"], inputs["batch_num_images"], "anyres_max_9")
-    assert (packed_rows(inner, inputs["image_sizes"], crops, 16, "anyres_max_9")[0] is not None) == gathered
-    experts = torch.randn(sum(crops), 16, 3, 64)
-    packed, _ = pack_like_main_feature(inner, experts, inputs["image_sizes"], crops, "anyres_max_9")
+    rows, _ = packed_rows(inner, inputs["image_sizes"], crops, 16, "anyres_max_9")
+    assert (rows is not None) == gathered
+    hidden_states = tuple(torch.randn(sum(crops), 16, 32) for _ in range(3))
+    embedding = torch.randn(3, 64)
     with torch.no_grad():
+        projected = [inner.multi_modal_projector(hidden) + embedding[n] for n, hidden in enumerate(hidden_states)]
         reference = [
             torch.cat(
                 inner.pack_image_features(
-                    list(torch.split(experts[:, :, n], crops)),
+                    list(torch.split(layer, crops)),
                     inputs["image_sizes"],
                     image_newline=inner.image_newline,
                     vision_aspect_ratio="anyres_max_9",
                 )[0]
             )
-            for n in range(3)
+            for layer in projected
         ]
-    assert torch.equal(packed, torch.stack(reference, dim=1))
+        if gathered:
+            packed = project_rows(inner, hidden_states, [0, 1, 2], "full", rows, embedding)
+        else:
+            packed, _ = pack_like_main_feature(
+                inner, torch.stack(projected, dim=2), inputs["image_sizes"], crops, "anyres_max_9"
+            )
+    torch.testing.assert_close(packed, torch.stack(reference, dim=1), rtol=1e-6, atol=1e-6)
