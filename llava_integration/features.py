@@ -17,14 +17,15 @@ def patches_per_image(
     """How many crops (base view first) HF's `get_image_features` cuts each image into."""
     if vision_aspect_ratio == SQUARE:
         return [1] * len(image_sizes)
-    # As HF decides it: an image of a multi-image sample keeps its base view only.
+    # As HF decides it: an image of a multi-image sample keeps its base view only. One host copy of each tensor, not
+    # one device sync per image.
     if batch_num_images is None:
         grids = [True] * len(image_sizes)
     else:
-        grids = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+        grids = [n == 1 for n in batch_num_images.tolist() for _ in range(n)]
     return [
         image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) if grid else 1
-        for size, grid in zip(image_sizes, grids)
+        for size, grid in zip(image_sizes.tolist(), grids)
     ]
 
 
@@ -68,18 +69,29 @@ def project_rows(
     selected = _selected(hidden_states, layers)
     crops, length, channels = selected[0].shape
     skip = 1 if select_strategy == "default" else 0  # the CLS token
+    device = selected[0].device
     if rows is None:
         rows = torch.arange(crops * (length - skip))
-    newlines = (rows < 0).nonzero().squeeze(1)  # host tensors: no device sync
-    rows = rows.clamp(min=0)
-    index = (rows // (length - skip) * length + rows % (length - skip) + skip).to(selected[0].device, non_blocking=True)
-    per_layer = [
-        model.multi_modal_projector(hidden.reshape(-1, channels).index_select(0, index)) + layer_embedding[n]
-        for n, hidden in enumerate(selected)
-    ]
-    experts = torch.stack(per_layer, dim=1)
-    if newlines.numel():
-        experts[newlines.to(experts.device, non_blocking=True)] = model.image_newline.to(experts.dtype)
+    kept = (rows >= 0).nonzero().squeeze(1)  # host tensors: no device sync
+    newlines = (rows < 0).nonzero().squeeze(1)
+    crop_rows = rows[kept]
+    index = (crop_rows // (length - skip) * length + crop_rows % (length - skip) + skip).to(device, non_blocking=True)
+    every_row = newlines.numel() == 0
+    kept = kept.to(device, non_blocking=True)
+    experts = None
+    for n, hidden in enumerate(selected):
+        # One layer at a time, written into the result: no stacked copy of the layers, no per-layer list alive.
+        projected = (
+            model.multi_modal_projector(hidden.reshape(-1, channels).index_select(0, index)) + layer_embedding[n]
+        )
+        if experts is None:
+            experts = projected.new_empty((rows.numel(), len(selected), projected.shape[-1]))
+        if every_row:
+            experts[:, n] = projected
+        else:
+            experts[kept, n] = projected
+    if not every_row:
+        experts[newlines.to(device, non_blocking=True)] = model.image_newline.to(experts.dtype)
     return experts
 
 
