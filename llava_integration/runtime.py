@@ -58,12 +58,17 @@ class ImageFeaturesWithManager(BaseModelOutputWithPooling):
     deepstack_features: list[list[torch.Tensor]] | None = None
 
 
+# Per managed token: the N layers' features `(M, N, D)` (adaptive managers, which read the stream), or what each
+# injection layer adds `{layer: (M, D)}` (static managers: 6 rows of D instead of 13, each freed once added).
+_Features = torch.Tensor | dict[int, torch.Tensor]
+
+
 @dataclass
 class _Encoding:
     """Manager features encoded outside a forward (by `generate`), waiting for the prefill forward(s) to read them."""
 
     serial: int
-    experts: torch.Tensor  # (M, N, D): the managed tokens only
+    features: _Features  # of the managed tokens only
     output: ImageFeaturesWithManager
     row_ids: list[torch.Tensor]  # the list handed out in `output.deepstack_features`
     managed: torch.Tensor | None  # (V,) bool over the visual tokens; None: all managed
@@ -80,14 +85,27 @@ class _ForwardState:
     pending_layers: set[int]
     query_mask: torch.Tensor | None = None  # (B, L): this forward's columns of the query mask
     query_outside: torch.Tensor | None = None  # (B,): the sample's query tokens reach outside this forward
-    experts: torch.Tensor | None = None  # (M, N, D): managed tokens' features
-    rows: torch.Tensor | None = None  # (V,) row of `experts` per visual token, -1 if unmanaged; None: identity
+    experts: torch.Tensor | None = None  # (M, N, D): managed tokens' features, for adaptive managers
+    deltas: dict[int, torch.Tensor] | None = None  # static managers: injection layer -> (M, D), popped when added
+    rows: torch.Tensor | None = None  # (V,) row of the features per visual token, -1 if unmanaged; None: identity
     managed: torch.Tensor | None = None  # (V,) bool: None when every visual token is managed (and rows is None)
     all_images: bool = True  # this forward holds every visual token of its batch (no chunked prefill split them)
     image_mask: torch.Tensor | None = None  # (B, T)
     positions: torch.Tensor | None = None  # (M',) flat indices into B * T of the managed tokens
-    gather: torch.Tensor | None = None  # (M',) rows of `experts` for `positions`; None: `experts` is aligned
+    gather: torch.Tensor | None = None  # (M',) rows of the features for `positions`; None: they are aligned
     adaptive: dict = field(default_factory=dict)  # adaptive managers: per-forward query layout
+
+    def set_features(self, features: _Features) -> None:
+        if isinstance(features, dict):
+            self.deltas = features
+        else:
+            self.experts = features
+
+    def has_features(self) -> bool:
+        return self.experts is not None or bool(self.deltas)
+
+    def feature_rows(self) -> int:
+        return self.experts.shape[0] if self.experts is not None else next(iter(self.deltas.values())).shape[0]
 
 
 def _on(mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -190,7 +208,8 @@ class ManagerRuntime:
             )
         rows = ids & _ROW_MASK
         total = encoding.total_rows()
-        state = _ForwardState(pending, experts=encoding.experts, all_images=ids.numel() == total)
+        state = _ForwardState(pending, all_images=ids.numel() == total)
+        state.set_features(dict(encoding.features) if isinstance(encoding.features, dict) else encoding.features)
         if carried[0] is not encoding.row_ids:  # expanded for beams or sliced for a chunk: not the identity
             state.managed = rows != _UNMANAGED
             state.rows = rows
@@ -280,26 +299,36 @@ class ManagerRuntime:
             outputs.hidden_states = tuple(
                 hidden if index == keep else None for index, hidden in enumerate(outputs.hidden_states)
             )
+        features = self._prepare(experts)
+        del experts  # static managers: only their deltas stay alive
         if self._state is not None:  # inside a forward: the injection hooks read the features directly
-            self._state.experts, self._state.managed = experts, managed
+            self._state.set_features(features)
+            self._state.managed = managed
             return ImageFeaturesWithManager(**outputs)
-        return self._issue(ImageFeaturesWithManager(**outputs), experts, managed, lengths)
+        return self._issue(ImageFeaturesWithManager(**outputs), features, managed, lengths)
+
+    def _prepare(self, experts: torch.Tensor) -> _Features:
+        """Static managers add what does not depend on the stream: every injection layer's delta, computed now."""
+        if self.managers.needs_state:
+            return experts
+        return {layer: self.managers(layer, experts) for layer in self.managers.config.injection_layers}
 
     def _issue(
-        self, output: ImageFeaturesWithManager, experts: torch.Tensor, managed: torch.Tensor | None, lengths: list
+        self, output: ImageFeaturesWithManager, features: _Features, managed: torch.Tensor | None, lengths: list
     ) -> ImageFeaturesWithManager:
-        """Hand out row ids of `experts` for `generate` to expand and slice; the runtime keeps the features."""
+        """Hand out row ids of the features for `generate` to expand and slice; the runtime keeps the features."""
         self._serial += 1
-        device = experts.device
+        first = features if isinstance(features, torch.Tensor) else next(iter(features.values()))
+        count, device = first.shape[0], first.device
         if managed is None:
-            rows = torch.arange(experts.shape[0], device=device)
+            rows = torch.arange(count, device=device)
         else:
             rows = torch.full(managed.shape, _UNMANAGED, dtype=torch.long, device=device)
-            rows[managed] = torch.arange(experts.shape[0], device=device)
+            rows[managed] = torch.arange(count, device=device)
         ids = (rows | (self._serial << _SERIAL_SHIFT))[:, None]
         row_ids = list(torch.split(ids, lengths))
         output.deepstack_features = [row_ids]
-        self._encoding = _Encoding(self._serial, experts, output, row_ids, managed)
+        self._encoding = _Encoding(self._serial, features, output, row_ids, managed)
         return output
 
     def _square_image_features(
@@ -369,12 +398,16 @@ class ManagerRuntime:
 
     def _inject(self, layer: int, module: nn.Module, args: tuple, kwargs: dict):
         state = self._state
-        if state is None or state.experts is None:
+        if state is None or not state.has_features():
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         positions = self._positions(state, hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        if self.managers.needs_state and layer != 0:
+        if state.deltas is not None:  # static managers: computed at encoding, freed once added
+            delta = state.deltas.pop(layer)
+            if state.gather is not None:
+                delta = delta.index_select(0, state.gather)
+        elif self.managers.needs_state and layer != 0:
             delta = self._adaptive_delta(layer, state, flat, positions, hidden.shape[:2])
         elif state.gather is None:
             delta = self.managers(layer, state.experts)
@@ -386,7 +419,7 @@ class ManagerRuntime:
 
         state.pending_layers.discard(layer)
         if not state.pending_layers:  # the last injection layer: free the per-layer features now
-            state.experts = None
+            state.experts = state.deltas = None
             state.adaptive = {}
         if args:
             return (updated, *args[1:]), kwargs
@@ -398,7 +431,7 @@ class ManagerRuntime:
             if state.image_mask is None:
                 raise RuntimeError("the manager's features were captured but HF's image placeholder mask was not")
             positions = state.image_mask.reshape(-1).nonzero().squeeze(1)
-            visual = state.managed.shape[0] if state.managed is not None else state.experts.shape[0]
+            visual = state.managed.shape[0] if state.managed is not None else state.feature_rows()
             if positions.numel() != visual:
                 raise RuntimeError(
                     f"the manager has features of {visual} visual tokens but the sequence holds "

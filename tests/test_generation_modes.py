@@ -183,13 +183,14 @@ def test_manager_features_are_freed_after_the_prefill(tiny_model, tiny_processor
     issued, alive = [], []
     issue = runtime._issue
 
-    def watched_issue(output, experts, managed, lengths):
-        issued.append(weakref.ref(experts))
-        return issue(output, experts, managed, lengths)
+    def watched_issue(output, features, managed, lengths):  # static: a delta per layer; adaptive: the N layers
+        tensors = features.values() if isinstance(features, dict) else [features]
+        issued.extend(weakref.ref(tensor) for tensor in tensors)
+        return issue(output, features, managed, lengths)
 
     def at_decode_steps(module, args, kwargs):
         if kwargs.get("mm_encoder_outputs") is None and kwargs.get("pixel_values") is None:
-            alive.append(issued[0]() is not None or runtime._encoding is not None)
+            alive.append(any(ref() is not None for ref in issued) or runtime._encoding is not None)
 
     runtime._issue = watched_issue
     handle = tiny_model.model.register_forward_pre_hook(at_decode_steps, with_kwargs=True)
@@ -198,7 +199,8 @@ def test_manager_features_are_freed_after_the_prefill(tiny_model, tiny_processor
     finally:
         handle.remove()
         del runtime._issue
-    assert len(issued) == 1 and alive == [False] * (NEW_TOKENS - 1)
+    expected = 1 if manager_type != "static" else len(tiny_model.model.manager.config.injection_layers)
+    assert len(issued) == expected and alive == [False] * (NEW_TOKENS - 1)
     assert output.sequences.shape[1] == inputs["input_ids"].shape[1] + NEW_TOKENS
     image_outputs = tiny_model(**inputs).image_outputs  # what a forward returns: as HF's, one vision layer kept
     assert image_outputs.deepstack_features is None
