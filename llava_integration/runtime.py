@@ -4,14 +4,16 @@ One forward of the patched model:
 1. a pre-hook on the model opens a `_ForwardState` when the call carries images (prefill only: decode steps of
    `generate` carry none, so the KV-cache path is untouched);
 2. the wrapped `get_image_features` asks the vision tower for the main layer *and* the manager's layers in the same
-   pass, projects the manager's layers with the model's projector, adds the layer embedding and packs them like the
-   main feature (`features.py`);
+   pass, and projects (with the model's projector, plus the layer embedding) the managed tokens only, in the order
+   HF packs the main feature (`features.py`); static managers turn them into each injection layer's delta at once;
 3. the wrapped `get_placeholder_mask` records the exact mask HF scatters the visual tokens into;
 4. a pre-hook on each injection decoder layer adds the manager's output at those positions, for the whole batch at
-   once; after the last injection layer the per-layer features are released;
+   once; each delta is freed once added, and the features after the last injection layer;
 5. a post-hook on the model drops the state, also when the forward raised.
 
 The same runtime also serves square images (no grid): each image is its base view, `T` tokens, no newline token.
+When `generate` encodes the images before its prefill, the runtime keeps the features (`_Encoding`) and HF carries
+row ids into them, until the prefill (whole, or chunk by chunk) has read every row.
 """
 
 from __future__ import annotations
