@@ -126,6 +126,31 @@ class AdaptiveManager(Manager):
         self, state: torch.Tensor | None, query: torch.Tensor | None, query_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Per-token weights `(..., N, D)`: the controller's layer scores times the gate."""
+        return self.layer_scores(state, query, query_mask)[..., None] * self.gate
+
+    def forward(
+        self,
+        experts: torch.Tensor,
+        state: torch.Tensor | None = None,
+        query: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.training:  # the jitter perturbs every per-token weight: they are materialised
+            return super().forward(experts, state, query, query_mask)
+        if experts.dim() < 2 or experts.shape[-2] != self.num_experts:
+            raise ValueError(f"expected experts of shape (..., {self.num_experts}, hidden), got {tuple(experts.shape)}")
+        # Inference: sum_n s_n * (gate_n * experts_n) layer by layer, never a (tokens, N, D) weight or product tensor.
+        scores = self.layer_scores(state, query, query_mask).to(experts.dtype)
+        gate = self.gate.to(experts.dtype)
+        out = scores[..., 0, None] * (gate[0] * experts[..., 0, :])
+        for n in range(1, self.num_experts):
+            out = out + scores[..., n, None] * (gate[n] * experts[..., n, :])
+        return out
+
+    def layer_scores(
+        self, state: torch.Tensor | None, query: torch.Tensor | None, query_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Per-token layer scores `(..., N)` of the controller, from the state and the query's summary."""
         if state is None:
             raise ValueError("an adaptive manager needs the stream's state at the managed tokens")
         controller_input = state
@@ -141,8 +166,7 @@ class AdaptiveManager(Manager):
             else:
                 readout = _POOLED_QUERY[self.query_type](state, query, query_mask)
             controller_input = torch.cat((readout, state), dim=-1)
-        scores = self.controller(controller_input)  # (..., N)
-        return scores[..., None] * self.gate
+        return self.controller(controller_input)
 
 
 QUERY_TYPES = (None, "last", "average", "cross")
