@@ -69,7 +69,7 @@ def layer_shares(config: ManagerConfig, tensors: dict[str, torch.Tensor]) -> np.
     for slot, layer in enumerate(config.injection_layers):
         found = [f"managers.{slot}.{name}" for name in STATE_NAMES if f"managers.{slot}.{name}" in tensors]
         if not found:
-            raise KeyError(f"no {' or '.join(STATE_NAMES)} for the manager of decoder layer {layer} (slot {slot})")
+            raise ValueError(f"no {' or '.join(STATE_NAMES)} for the manager of decoder layer {layer} (slot {slot})")
         magnitude = tensors[found[0]].float().abs().mean(dim=-1).numpy()
         if magnitude.shape[0] != config.num_experts(layer):
             raise ValueError(

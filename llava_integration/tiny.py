@@ -1,6 +1,6 @@
 """The embedded tiny default: a small random LLaVA-OneVision in HF format, built offline in seconds.
 
-`python -m llava_integration.tiny DIR` writes a directory that `LlavaOnevisionForConditionalGeneration` and
+`llava-manager tiny DIR` (or `python -m llava_integration.tiny DIR`) writes a directory that `LlavaOnevisionForConditionalGeneration` and
 `AutoProcessor` load with `from_pretrained`: a SigLIP tower, a Qwen2 decoder, a byte-level BPE tokenizer trained on
 an embedded corpus, the Qwen ChatML chat template, and an image processor with AnyRes grid pinpoints (1x1 .. 6x6).
 """
@@ -8,6 +8,7 @@ an embedded corpus, the Qwen ChatML chat template, and an image processor with A
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -161,8 +162,9 @@ def write_tiny(directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m llava_integration.tiny") -> None:
+    """Write the tiny model to the directory the command line names."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="where to write the tiny model")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -171,4 +173,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from llava_manager.cli import run_main
+
+    sys.exit(run_main(main, prog="python -m llava_integration.tiny"))
