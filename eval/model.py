@@ -18,6 +18,7 @@ from transformers import AutoProcessor
 
 from llava_integration import QUERY_MASK_KWARG, load_model, manager_of, prepare_inputs, set_image_aspect_ratio
 from llava_integration.query import instruction_query_mask
+from llava_manager.cli import quiet_libraries
 
 from .generation import GenerationSettings
 from .likelihood import append_continuations, continuation_scores, positions_from_mask
@@ -33,6 +34,7 @@ DTYPES = {
 }
 GRID_SWITCH = {"true": True, "on": True, "yes": True, "false": False, "off": False, "no": False}
 GRID_ASPECT_RATIO = "anyres_max_9"  # the paper's grid setting, used when a square checkpoint is evaluated with grids
+quiet_libraries()  # lmms-eval runs this model in its own process, outside the llava-manager commands
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -64,8 +64,15 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_config(vocab_size: int, image_token_id: int, video_token_id: int):
-    """The tiny `LlavaOnevisionConfig`: SigLIP (6 blocks, width 32) + Qwen2 (6 layers, width 64)."""
+def build_config(
+    vocab_size: int,
+    image_token_id: int,
+    video_token_id: int,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+):
+    """The tiny `LlavaOnevisionConfig`: SigLIP (6 blocks, width 32) + Qwen2 (6 layers, width 64); with the
+    tokenizer's end and padding ids, generation stops at the end of a turn."""
     from transformers import Qwen2Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(
@@ -86,6 +93,9 @@ def build_config(vocab_size: int, image_token_id: int, video_token_id: int):
         num_key_value_heads=2,
         max_position_embeddings=8192,
         tie_word_embeddings=True,
+        bos_token_id=None,  # the ChatML template starts no text with a BOS token
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
     )
     return llava_onevision_config(vision, text, image_token_id, video_token_id, GRID_PINPOINTS)
 
@@ -145,10 +155,16 @@ def build_tiny_model(seed: int = 0):
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     config = build_config(
-        len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("<video>")
+        len(tokenizer),
+        tokenizer.convert_tokens_to_ids("<image>"),
+        tokenizer.convert_tokens_to_ids("<video>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -91,10 +92,27 @@ def debugging() -> bool:
     return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
 
 
+def _not_cpu_fallback_notice(record: logging.LogRecord) -> bool:
+    """False for DeepSpeed's notice that it runs on the CPU, on a machine that has no CUDA device anyway."""
+    if not record.getMessage().startswith("Setting accelerator to CPU"):
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def quiet_libraries() -> None:
+    """Silence library notices a user cannot act on (DeepSpeed announcing the CPU on a machine without a GPU)."""
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if _not_cpu_fallback_notice not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(_not_cpu_fallback_notice)
+
+
 def run_main(function: Callable[..., object], argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run a command's `main(argv, prog=...)` and turn its outcome into an exit status (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
     accepts_prog = "prog" in inspect.signature(function).parameters
+    quiet_libraries()
     try:
         result = function(argv, prog=prog) if accepts_prog and prog else function(argv)
     except USER_ERRORS as error:

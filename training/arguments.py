@@ -109,9 +109,22 @@ def _default_report_to() -> list[str]:
     return targets or ["none"]
 
 
+# Deprecated `TrainingArguments` names and their current ones. HF uses an old name only when the new one is unset, so
+# an explicit `--gradient_checkpointing false` over a recipe's `activation_checkpointing: true` would be ignored.
+RENAMED_OPTIONS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def _current_names(options: dict[str, Any]) -> dict[str, Any]:
+    return {RENAMED_OPTIONS.get(key, key): value for key, value in options.items()}
+
+
 def _training_kwargs(recipe: Recipe, stage: StageArguments, explicit: dict[str, Any]) -> dict[str, Any]:
     """`TrainingArguments` keywords: the recipe's, the explicit ones, and the derived ones (module docstring)."""
-    kwargs = {**recipe.training, **explicit}
+    explicit = _current_names(explicit)
+    kwargs = {**_current_names(recipe.training), **explicit}
     cuda = torch.cuda.is_available()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if "bf16" not in explicit:
@@ -121,11 +134,13 @@ def _training_kwargs(recipe: Recipe, stage: StageArguments, explicit: dict[str, 
     kwargs["remove_unused_columns"] = False
     if "dataloader_num_workers" not in explicit and not cuda:
         kwargs["dataloader_num_workers"] = 0  # a CPU run is a smoke test: worker processes only compete for the cores
+    if "dataloader_pin_memory" not in explicit and not cuda:
+        kwargs["dataloader_pin_memory"] = False  # pinned memory only speeds up copies to a GPU
     if "report_to" not in explicit:
         kwargs["report_to"] = _default_report_to()
-    if kwargs.get("gradient_checkpointing") and "gradient_checkpointing_kwargs" not in explicit:
+    if kwargs.get("activation_checkpointing") and "activation_checkpointing_kwargs" not in explicit:
         # Non-reentrant checkpointing also gives gradients to LoRA / projector inputs when the embeddings are frozen.
-        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
 
     kwargs["deepspeed"] = resolve_deepspeed(kwargs.get("deepspeed"))
     if kwargs["deepspeed"] is not None:

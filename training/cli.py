@@ -20,7 +20,7 @@ EXAMPLE = (
     "  llava-manager tiny tiny && llava-manager data data --preset easy\n"
     "  {prog} --recipe stage1_manager --model_name_or_path tiny --data_path data/stage1.yaml \\\n"
     "    --image_folder data --output_dir out/stage1_manager --global_batch_size 4 --per_device_train_batch_size 2 \\\n"
-    "    --max_steps 3 --gradient_checkpointing false"
+    "    --max_steps 3 --activation_checkpointing false"
 )
 OPTION_HELP = {
     "deepspeed": "zero2 or zero3 (the shipped ZeRO configs, no optimizer section so the per-part learning rates "
