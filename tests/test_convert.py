@@ -693,5 +693,5 @@ def test_command_line_converts_both_ways(converted, tower_dir, tmp_path, capsys)
     main([str(source), str(tmp_path / "hf")])
     main(["--to-llava-next", str(tmp_path / "hf"), str(tmp_path / "back"), "--vision-tower", str(tower_dir)])
     assert load_file(tmp_path / "back" / "model.safetensors").keys() == load_file(source / "model.safetensors").keys()
-    with pytest.raises(SystemExit, match="convert: error: .*already exists"):
+    with pytest.raises(ConversionError, match="already exists"):
         main([str(source), str(tmp_path / "hf")])

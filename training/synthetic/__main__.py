@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llava_manager.cli import UsageError
+
 from .scenes import PRESETS
 from .writer import write_synthetic
 
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.syntheti
     parser.add_argument("--preset", choices=sorted(PRESETS), default="standard", help="what the scenes hold")
     args = parser.parse_args(argv)
     if args.num_scenes < 1:
-        parser.error(f"--num_scenes {args.num_scenes}: expected at least 1")
+        raise UsageError(f"--num_scenes {args.num_scenes}: expected at least 1")
     paths = write_synthetic(args.directory, seed=args.seed, num_scenes=args.num_scenes, preset=args.preset)
     print(f"wrote {args.num_scenes} scenes and {len(paths) - 1} data files to {args.directory}")
 
