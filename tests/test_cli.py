@@ -341,3 +341,31 @@ def test_eval_registry_imports_before_lmms_eval_without_a_circular_import():
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["LlavaOvManager", "llava_ov_manager"]
     assert "circular import" not in result.stderr and "partially initialized" not in result.stderr
+
+
+# -- quiet by default ---------------------------------------------------------------------------------------------------
+def test_stage_options_use_the_current_names_and_no_pinned_memory_on_cpu(inputs, tmp_path, recwarn):
+    from training.arguments import resolve_stage
+
+    values = {"recipe": "stage1_manager", "model_name_or_path": inputs["model"], "data_path": inputs["data"]}
+    values |= {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 1, "global_batch_size": 1}
+    recipe_default = resolve_stage(values).training
+    assert recipe_default.activation_checkpointing  # the recipe's current name
+    assert recipe_default.activation_checkpointing_kwargs == {"use_reentrant": False}
+    # the deprecated name given explicitly still overrides the recipe (HF alone would let the recipe's value win)
+    explicit = resolve_stage({**values, "gradient_checkpointing": False}).training
+    assert not explicit.activation_checkpointing and not explicit.gradient_checkpointing
+    if not recipe_default.use_cpu and __import__("torch").cuda.is_available():
+        pytest.skip("pinned memory is only turned off on CPU machines")
+    assert not recipe_default.dataloader_pin_memory
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning) and "checkpointing" in str(w.message)]
+
+
+def test_tiny_model_generation_stops_at_its_end_token(tiny_dir):
+    from transformers import AutoProcessor, GenerationConfig, LlavaOnevisionConfig
+
+    tokenizer = AutoProcessor.from_pretrained(tiny_dir).tokenizer
+    config, generation = LlavaOnevisionConfig.from_pretrained(tiny_dir), GenerationConfig.from_pretrained(tiny_dir)
+    end, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert (config.text_config.eos_token_id, config.text_config.pad_token_id) == (end, pad)
+    assert (generation.eos_token_id, generation.pad_token_id) == (end, pad)
