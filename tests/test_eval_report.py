@@ -182,3 +182,43 @@ def test_manager_weights_reads_merged_checkpoints_like_adapters(tiny_model, tmp_
     (plain / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="checkpoint without a manager"):
         read_manager(plain)
+
+
+def test_manager_weights_show_real_magnitudes_and_say_when_untrained(tmp_path):
+    config, managers = paper_shaped_managers("static")
+    with torch.no_grad():
+        for parameter in managers.parameters():
+            parameter.mul_(2e-3)  # the size trained weights have
+    for name, scale in (("trained", 1.0), ("untrained", 0.0)):
+        adapter = tmp_path / name
+        adapter.mkdir()
+        state = {key: (tensor * scale).contiguous() for key, tensor in managers.state_dict().items()}
+        save_file(state, adapter / "manager.safetensors")
+        config.save(adapter)
+        write_manager_weights(adapter, tmp_path / f"{name}-out")
+    magnitudes = list(csv.reader((tmp_path / "trained-out" / "manager_weight_magnitudes.csv").open()))
+    for slot, row in enumerate(magnitudes[1:]):
+        weight = managers.managers[slot].layer_weights.abs().mean(dim=1).tolist()
+        assert [float(value) for value in row[1 : 1 + len(weight)]] == pytest.approx(weight, rel=1e-5)
+    assert 1e-4 < float(magnitudes[1][1]) < 1e-2  # as they are, not normalised
+    untrained = list(csv.reader((tmp_path / "untrained-out" / "manager_weights.csv").open()))
+    assert all(value == "" for row in untrained[1:] for value in row[1:])  # no shares of a row of zeros
+    zeros = list(csv.reader((tmp_path / "untrained-out" / "manager_weight_magnitudes.csv").open()))
+    assert {value for row in zeros[1:] for value in row[1:]} == {"0", ""}
+
+
+def test_manager_weights_title_says_untrained(tmp_path, monkeypatch):
+    import eval.manager_weights as module
+
+    titles = []
+    monkeypatch.setattr(module, "plot_heatmap", lambda config, magnitudes, path, title: titles.append(title) or path)
+    config, managers = paper_shaped_managers("static")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(
+        {key: torch.zeros_like(tensor) for key, tensor in managers.state_dict().items()},
+        adapter / "manager.safetensors",
+    )
+    config.save(adapter)
+    write_manager_weights(adapter, tmp_path / "out")
+    assert "is untrained: all its weights are 0" in titles[0]
