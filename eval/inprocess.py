@@ -18,6 +18,20 @@ from .run import check_results
 TINY_TASKS = ("manager_tiny", "manager_tiny_mc")
 
 
+def write_document_scores(samples: Mapping[str, list[dict]], directory: Path) -> list[Path]:
+    """Each task's per-document scores as `samples_<task>.jsonl` (doc_id and the numeric metric values only)."""
+    written = []
+    for task, records in samples.items():
+        lines = []
+        for record in records:
+            numeric = {key: value for key, value in record.items() if isinstance(value, int | float) and key != "doc_id"}
+            lines.append(json.dumps({"doc_id": record["doc_id"], **numeric}) + "\n")
+        path = directory / f"samples_{task}.jsonl"
+        path.write_text("".join(lines))
+        written.append(path)
+    return written
+
+
 def evaluate_checkpoints(
     checkpoints: Mapping[str, str | Path],
     output_root: str | Path,
@@ -50,11 +64,12 @@ def evaluate_checkpoints(
             batch_size=batch_size,
             device=device,
             limit=limit,
-            log_samples=False,
+            log_samples=True,  # per-document scores, for the report's bootstrap intervals
             task_manager=manager,
         )
         directory = Path(output_root) / name
         directory.mkdir(parents=True, exist_ok=True)
+        write_document_scores(data.pop("samples", None) or {}, directory)
         path = directory / STABLE_NAME
         staging = directory / f".partial-{STABLE_NAME}"
         staging.write_text(json.dumps(data, indent=2, default=str))
