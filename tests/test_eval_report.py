@@ -15,6 +15,7 @@ from eval.__main__ import main
 from eval.benchmarks import load_table
 from eval.manager_weights import read_manager, write_manager_weights
 from llava_integration import apply_manager, manager_of, save_manager
+from llava_manager.cli import main as llava_manager_main
 from manager_plugin import LayerManagers, ManagerConfig
 
 # Raw lmms-eval values per variant (fractions, as lmms-eval reports them; OCRBench: fraction of 1000 points).
@@ -98,9 +99,12 @@ def test_report_says_what_is_missing(tmp_path, capsys):
     assert "note: variant +Grid (grid): its results hold none of the reported tasks" in err
     assert "note: VQAv2 (vqav2_val): missing from the results of grid" in err
 
-    assert main(["report", f"baseline={tmp_path / 'nowhere'}", "--out", str(tmp_path / "r2")]) == 2
+    # a mistake is an error line and exit status 2 (the command line's error boundary)
+    assert (
+        llava_manager_main(["eval", "report", f"baseline={tmp_path / 'nowhere'}", "--out", str(tmp_path / "r2")]) == 2
+    )
     assert "error: no lmms-eval results at" in capsys.readouterr().err
-    assert main(["report", f"gridmanager={baseline}", "--out", str(tmp_path / "r3")]) == 2
+    assert llava_manager_main(["eval", "report", f"gridmanager={baseline}", "--out", str(tmp_path / "r3")]) == 2
     assert "unknown variant 'gridmanager'" in capsys.readouterr().err
 
 
