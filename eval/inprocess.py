@@ -24,7 +24,11 @@ def write_document_scores(samples: Mapping[str, list[dict]], directory: Path) ->
     for task, records in samples.items():
         lines = []
         for record in records:
-            numeric = {key: value for key, value in record.items() if isinstance(value, int | float) and key != "doc_id"}
+            numeric = {
+                key: value
+                for key, value in record.items()
+                if isinstance(value, int | float) and key not in ("doc_id", "target")  # the scores, not the answer key
+            }
             lines.append(json.dumps({"doc_id": record["doc_id"], **numeric}) + "\n")
         path = directory / f"samples_{task}.jsonl"
         path.write_text("".join(lines))
