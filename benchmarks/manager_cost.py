@@ -24,6 +24,7 @@ from llava_integration import apply_manager, manager_of
 from llava_integration.patch import resolve_manager_config
 from llava_manager.cli import UsageError, run_main
 from manager_plugin import ManagerConfig
+from manager_plugin.provenance import environment_provenance
 
 from . import flops as flop_model
 from .inputs import make_batch, training_labels, workload
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "size": args.size,
         "machine": describe(device),
+        "provenance": environment_provenance(),
         "settings": {
             "dtype": str(dtype).removeprefix("torch."),
             "attention": args.attention,

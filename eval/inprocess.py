@@ -12,28 +12,10 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .results import STABLE_NAME, Results
+from .results import STABLE_NAME, Results, add_provenance
 from .run import check_results
 
 TINY_TASKS = ("manager_tiny", "manager_tiny_mc")
-
-
-def write_document_scores(samples: Mapping[str, list[dict]], directory: Path) -> list[Path]:
-    """Each task's per-document scores as `samples_<task>.jsonl` (doc_id and the numeric metric values only)."""
-    written = []
-    for task, records in samples.items():
-        lines = []
-        for record in records:
-            numeric = {
-                key: value
-                for key, value in record.items()
-                if isinstance(value, int | float) and key not in ("doc_id", "target")  # the scores, not the answer key
-            }
-            lines.append(json.dumps({"doc_id": record["doc_id"], **numeric}) + "\n")
-        path = directory / f"samples_{task}.jsonl"
-        path.write_text("".join(lines))
-        written.append(path)
-    return written
 
 
 def evaluate_checkpoints(
@@ -68,15 +50,14 @@ def evaluate_checkpoints(
             batch_size=batch_size,
             device=device,
             limit=limit,
-            log_samples=True,  # per-document scores, for the report's bootstrap intervals
+            log_samples=True,  # the generated answers are kept with the scores
             task_manager=manager,
         )
         directory = Path(output_root) / name
         directory.mkdir(parents=True, exist_ok=True)
-        write_document_scores(data.pop("samples", None) or {}, directory)
         path = directory / STABLE_NAME
         staging = directory / f".partial-{STABLE_NAME}"
-        staging.write_text(json.dumps(data, indent=2, default=str))
+        staging.write_text(json.dumps(add_provenance(data), indent=2, default=str))
         results = Results()
         results.add(json.loads(staging.read_text()), path)
         problems = check_results(results, list(tasks), predict_only=False, output_dir=directory)

@@ -1,8 +1,8 @@
 """95% intervals for the difference between two variants' scores: a paired bootstrap over documents, and over seeds
 (training runs) when a variant has several.
 
-Per-document scores come from the samples lmms-eval logs (`*samples_<task>.jsonl`, written with `--log_samples`, and
-by the ablation's in-process evaluation). Both variants answer the same documents, so each bootstrap draw resamples
+Per-document scores come from the samples lmms-eval logs: `*samples_<task>.jsonl` (written with `--log_samples`), or
+the `samples` the ablation's evaluations keep in their `results.json`. Both variants answer the same documents, so each bootstrap draw resamples
 one set of documents for both (paired); with several runs per variant, each draw also resamples each variant's runs.
 An interval is only given where the task's score is the mean over documents (checked against the reported scores).
 """
@@ -11,28 +11,46 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from .results import STABLE_NAME
 
 LEVEL = 0.95
 RESAMPLES = 2000
 
 
-def document_scores(run: Path, task: str, metric: str) -> dict[int, float] | None:
-    """{doc_id: score} of `metric` on `task` from the newest samples file beside or under `run`; None if none."""
+@lru_cache(maxsize=16)
+def _results_samples(path: Path, modified: float) -> dict[str, list[dict]]:
+    """The `samples` a results JSON keeps (the ablation's evaluations), read once per file version."""
+    return json.loads(path.read_text()).get("samples") or {}
+
+
+def _logged_records(run: Path, task: str) -> list[dict] | None:
+    """The logged per-document records of `task` for a run: from its results JSON's `samples`, else from the newest
+    `*samples_<task>.jsonl` lmms-eval wrote beside or under it (`--log_samples`)."""
+    results = run if run.is_file() else run / STABLE_NAME
+    if results.is_file():
+        samples = _results_samples(results, results.stat().st_mtime)
+        if task in samples:
+            return samples[task]
     directory = run if run.is_dir() else run.parent
     files = sorted(directory.rglob(f"*samples_{task}.jsonl"), key=lambda path: path.stat().st_mtime)
     if not files:
         return None
+    return [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
+
+
+def document_scores(run: Path, task: str, metric: str) -> dict[int, float] | None:
+    """{doc_id: score} of `metric` (`name` or `name,filter`) on `task` as the run logged it; None if not logged."""
     name = metric.split(",")[0]
-    scores = {}
-    for line in files[-1].read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            value = record.get(name)
-            if isinstance(value, bool | int | float):
-                scores[int(record["doc_id"])] = float(value)
+    scores = {
+        int(record["doc_id"]): float(record[name])
+        for record in _logged_records(run, task) or []
+        if isinstance(record.get(name), bool | int | float)
+    }
     return scores or None
 
 

@@ -92,3 +92,12 @@ def test_write_report_passes_the_intervals_to_the_plot(tmp_path, monkeypatch):
     write_report(runs, tmp_path / "report")
     assert set(seen) == {("manager_tiny", "baseline", "manager"), ("manager_tiny", "grid", "grid_manager")}
     assert all(low < high for low, high in seen.values())
+
+
+def test_scores_are_read_from_the_samples_a_results_json_keeps(tmp_path):
+    # the ablation's evaluations keep lmms-eval's samples in results.json
+    records = [{"doc_id": 1, "acc": 1.0, "target": 2}, {"doc_id": 0, "acc": 0.0, "target": 1}, {"doc_id": 2}]
+    (tmp_path / "results.json").write_text(json.dumps({"results": {}, "samples": {"manager_tiny_mc": records}}))
+    assert document_scores(tmp_path / "results.json", "manager_tiny_mc", "acc,none") == {0: 0.0, 1: 1.0}
+    assert document_scores(tmp_path, "manager_tiny_mc", "acc") == {0: 0.0, 1: 1.0}
+    assert document_scores(tmp_path, "manager_tiny", "exact_match") is None
