@@ -19,6 +19,7 @@ from transformers import AutoProcessor
 from llava_integration import QUERY_MASK_KWARG, load_model, manager_of, prepare_inputs, set_image_aspect_ratio
 from llava_integration.query import instruction_query_mask
 from llava_manager.cli import quiet_libraries
+from llava_manager.models import check_model_reference
 
 from .generation import GenerationSettings
 from .likelihood import append_continuations, continuation_scores, positions_from_mask
@@ -92,6 +93,9 @@ class LlavaOvManager(lmms):
             )
         if str(batch_size).startswith("auto"):
             raise ValueError("llava_ov_manager needs a fixed --batch_size N, not 'auto'")
+        for key, value in (("pretrained", pretrained), ("manager", manager)):
+            if value is not None:
+                check_model_reference(str(value), f"llava_ov_manager {key}=")  # at once, not after hub retries
         self.batch_size_per_device = int(batch_size)
         self.max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
 

@@ -369,3 +369,10 @@ def test_tiny_model_generation_stops_at_its_end_token(tiny_dir):
     end, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert (config.text_config.eos_token_id, config.text_config.pad_token_id) == (end, pad)
     assert (generation.eos_token_id, generation.pad_token_id) == (end, pad)
+
+
+def test_lmms_eval_plugin_refuses_a_missing_model_at_once():
+    from eval.model import LlavaOvManager
+
+    with pytest.raises(ValueError, match="llava_ov_manager pretrained=/x/nope: no such directory"):
+        LlavaOvManager(pretrained="/x/nope", device="cpu")
