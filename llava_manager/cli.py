@@ -29,42 +29,28 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: where its `main(argv, prog=...)` lives, its `python -m` form, and a line for the listing."""
+    """One subcommand: where its `main(argv, prog=...)` lives (imported when it runs) and a line for the listing."""
 
     target: str  # "module:function"
-    module: str  # what follows `python -m` for the same command
     summary: str
 
 
 COMMANDS: dict[str, Command] = {
-    "demo": Command(
-        "llava_integration.demo:main", "llava_integration.demo", "patch, forward and generate with a manager (tiny)"
-    ),
-    "ablation": Command(
-        "eval.ablation.main:main", "eval ablation", "the grid vs manager ablation end to end (tiny on CPU by default)"
-    ),
-    "train": Command(
-        "training.cli:main", "training", "train one stage from a recipe (stage1 / 1.5 / 2, grid, manager)"
-    ),
-    "eval": Command("eval.__main__:main", "eval", "evaluate with lmms-eval: run, report, tasks, manager-weights, ..."),
-    "convert": Command(
-        "llava_integration.convert:main", "llava_integration.convert", "LLaVA-NeXT checkpoints <-> HF + manager"
-    ),
-    "bench": Command("benchmarks.manager_cost:main", "benchmarks", "measure what the manager costs (time, memory)"),
-    "tiny": Command("llava_integration.tiny:main", "llava_integration.tiny", "write the tiny LLaVA-OneVision model"),
-    "data": Command("training.synthetic.__main__:main", "training.synthetic", "write the synthetic training data"),
-    "script": Command("llava_manager.shell:main", "llava_manager.shell", "run a shipped cluster / evaluation script"),
-    "managertower-train": Command(
-        "training.managertower.cli:main", "training.managertower", "train / evaluate ManagerTower on one task"
-    ),
+    "demo": Command("llava_integration.demo:main", "patch, forward and generate with a manager (tiny)"),
+    "ablation": Command("eval.ablation.main:main", "the grid vs manager ablation end to end (tiny on CPU by default)"),
+    "train": Command("training.cli:main", "train one stage from a recipe (stage1 / 1.5 / 2, grid, manager)"),
+    "eval": Command("eval.__main__:main", "evaluate with lmms-eval: run, report, tasks, manager-weights, ..."),
+    "convert": Command("llava_integration.convert:main", "LLaVA-NeXT checkpoints <-> HF + manager"),
+    "bench": Command("benchmarks.manager_cost:main", "measure what the manager costs (time, memory)"),
+    "tiny": Command("llava_integration.tiny:main", "write the tiny LLaVA-OneVision model"),
+    "data": Command("training.synthetic.__main__:main", "write the synthetic training data"),
+    "script": Command("llava_manager.shell:main", "run a shipped cluster / evaluation script"),
+    "managertower-train": Command("training.managertower.cli:main", "train / evaluate ManagerTower on one task"),
     "managertower-convert": Command(
         "manager_plugin.managertower.convert:main",
-        "manager_plugin.managertower.convert",
         "ManagerTower / BridgeTower Lightning .ckpt -> HF",
     ),
-    "managertower-tiny": Command(
-        "manager_plugin.managertower.tiny:main", "manager_plugin.managertower.tiny", "write a tiny ManagerTower"
-    ),
+    "managertower-tiny": Command("manager_plugin.managertower.tiny:main", "write a tiny ManagerTower"),
 }
 
 
