@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +89,12 @@ def _not_cpu_fallback_notice(record: logging.LogRecord) -> bool:
 
 
 def quiet_libraries() -> None:
-    """Silence library notices a user cannot act on (DeepSpeed announcing the CPU on a machine without a GPU)."""
+    """Silence library notices a user cannot act on: DeepSpeed announcing the CPU on a machine without a GPU, and
+    transformers' deprecation of `is_gradient_checkpointing`, which PEFT reads when LoRA is applied."""
     deepspeed_logger = logging.getLogger("DeepSpeed")
     if _not_cpu_fallback_notice not in deepspeed_logger.filters:
         deepspeed_logger.addFilter(_not_cpu_fallback_notice)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def run_main(function: Callable[..., object], argv: list[str] | None = None, prog: str | None = None) -> int:

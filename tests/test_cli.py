@@ -376,3 +376,26 @@ def test_lmms_eval_plugin_refuses_a_missing_model_at_once():
 
     with pytest.raises(ValueError, match="llava_ov_manager pretrained=/x/nope: no such directory"):
         LlavaOvManager(pretrained="/x/nope", device="cpu")
+
+
+def test_deepspeeds_cpu_notice_is_dropped_on_a_machine_without_cuda():
+    import logging
+
+    import torch
+
+    cli.quiet_libraries()
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    notice = deepspeed_logger.makeRecord(
+        "DeepSpeed",
+        logging.WARNING,
+        __file__,
+        1,
+        "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
+        None,
+        None,
+    )
+    other = deepspeed_logger.makeRecord(
+        "DeepSpeed", logging.WARNING, __file__, 1, "ZeRO stage 3 partitions", None, None
+    )
+    assert bool(deepspeed_logger.filter(notice)) is torch.cuda.is_available()
+    assert deepspeed_logger.filter(other)

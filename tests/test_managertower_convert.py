@@ -631,7 +631,7 @@ def test_command_line_converts_and_reports_what_it_drops(converted, tmp_path, ca
     assert "ManagerTowerForVisualQuestionAnswering" in printed and "vit_model.ln_final.weight" in printed
     assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == build_tokenizer().get_vocab()
     assert ManagerTowerConfig.from_pretrained(tmp_path / "out").num_labels == 5  # the hparams' vqav2_label_size
-    with pytest.raises(SystemExit, match="convert: error: destination .* already exists"):
+    with pytest.raises(ConversionError, match="destination .* already exists"):
         main([str(case["root"] / "original.ckpt"), str(tmp_path / "out")])
 
 
