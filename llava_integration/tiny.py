@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from manager_plugin.bpe import train_byte_level_bpe
+from tiny_tokenizers import train_byte_level_bpe
 
 from .chat_template import CHAT_TEMPLATE
 

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..bpe import train_byte_level_bpe
+from tiny_tokenizers import train_byte_level_bpe
 
 # Words of the synthetic datasets (shapes, colours, positions), so the tiny tokenizer keeps them whole.
 CORPUS = """
