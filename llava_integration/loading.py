@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch import nn
 from transformers import AutoConfig
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from manager_plugin import ManagerConfig
 
@@ -39,6 +40,11 @@ def _manager_class(family: ModelFamily) -> type[nn.Module]:
         "`model.manager.*`, its config under `manager_config` in config.json); `from_pretrained` of this class reads "
         "it back whole. The plain HF class loads the same directory as the base model, ignoring the manager."
     )
+    mapping = get_checkpoint_conversion_mapping(base.__name__) or get_checkpoint_conversion_mapping(family.name)
+    if mapping is not None:
+        # HF renames checkpoint keys (e.g. LLaVA's lm_head) only for classes defined in transformers: a subclass
+        # defined here must be given its family's renamings, or its own merged checkpoints reload without lm_head.
+        register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
     return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
