@@ -1,4 +1,5 @@
-"""Model inputs from text and images, for AnyRes grids (HF's processor) and for square images (base view only)."""
+"""Model inputs from text and images: HF's processor (AnyRes grids, or the one image mode of LLaVA-1.5 and NeXT), and
+LLaVA-OneVision's square images (base view only)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 from PIL import Image
 from transformers import BatchFeature
 
-from .features import SQUARE
+from .image_modes import SQUARE
 
 
 def image_tokens_per_square_image(processor) -> int:
@@ -15,17 +16,34 @@ def image_tokens_per_square_image(processor) -> int:
     return tokens - 1 if processor.vision_feature_select_strategy == "default" else tokens
 
 
+def use_image_mode(processor, image_aspect_ratio: str | None) -> None:
+    """Make a LLaVA-OneVision processor expand and count `<image>` for an AnyRes `image_aspect_ratio`.
+
+    Square images are expanded by `prepare_inputs` itself, and None (the one image mode of LLaVA-1.5 and NeXT
+    processors) needs nothing."""
+    if image_aspect_ratio not in (None, SQUARE):
+        processor.vision_aspect_ratio = image_aspect_ratio
+
+
+def image_mode_of(model) -> str | None:
+    """The image mode inputs for `model` need: LLaVA-OneVision's `vision_aspect_ratio`, None for the other families."""
+    from .families import family_of
+
+    return model.config.vision_aspect_ratio if family_of(model)[0].square_images else None
+
+
 def prepare_inputs(
     processor,
     text: Sequence[str],
     images: Sequence[Sequence[Image.Image]] | None,
-    image_aspect_ratio: str,
+    image_aspect_ratio: str | None,
     **tokenizer_kwargs,
 ) -> BatchFeature:
     """Tokenised `text` (one `<image>` per image) with pixel values, as the model expects in `image_aspect_ratio`.
 
     `images` holds one list per text (empty for text-only samples). With "square" each image is resized to the
-    tower's input size and becomes its base view's tokens, with no grid and no newline token.
+    tower's input size and becomes its base view's tokens, with no grid and no newline token. None: the
+    processor's own (and only) image mode, for LLaVA-1.5 and LLaVA-NeXT (`image_mode_of(model)` says which).
     """
     tokenizer_kwargs.setdefault("padding", True)
     tokenizer_kwargs.setdefault("return_tensors", "pt")
@@ -33,8 +51,12 @@ def prepare_inputs(
     if image_aspect_ratio != SQUARE:
         if not has_images:
             return BatchFeature(dict(processor.tokenizer(list(text), **tokenizer_kwargs)))
-        processor.vision_aspect_ratio = image_aspect_ratio
-        return processor(text=list(text), images=[list(group) for group in images], **tokenizer_kwargs)
+        use_image_mode(processor, image_aspect_ratio)
+        # OneVision reads the per-sample grouping (an image of a multi-image sample keeps its base view only); the
+        # other processors take the images in placeholder order.
+        grouped = [list(group) for group in images] if image_aspect_ratio is not None else None
+        flat = grouped or [image for group in images for image in group]
+        return processor(text=list(text), images=flat, **tokenizer_kwargs)
 
     image_token = processor.image_token
     expanded = [sample.replace(image_token, image_token * image_tokens_per_square_image(processor)) for sample in text]
