@@ -1,4 +1,5 @@
-"""`llava_ov_manager`: the lmms-eval model for HF LLaVA-OneVision checkpoints, with or without a manager."""
+"""`llava_ov_manager`: the lmms-eval model for HF LLaVA-family checkpoints (LLaVA-1.5, NeXT, NeXT-Video,
+OneVision), with or without a manager."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from loguru import logger
 from tqdm import tqdm
 from transformers import AutoProcessor
 
-from llava_integration import QUERY_MASK_KWARG, load_model, manager_of, prepare_inputs, set_image_aspect_ratio
+from llava_integration import QUERY_MASK_KWARG, family_of, load_model, manager_of, prepare_inputs, set_image_aspect_ratio
+from llava_integration.processing import image_mode_of
 from llava_integration.query import instruction_query_mask
 
 from .generation import GenerationSettings
@@ -56,7 +58,8 @@ def resolve_grid(grid: bool | str | None) -> bool | None:
 
 
 class LlavaOvManager(lmms):
-    """LLaVA-OneVision (+ manager) through HF transformers: batched generation, log-likelihoods, multi-image documents.
+    """A LLaVA-family model (+ manager) through HF transformers: batched generation, log-likelihoods, multi-image
+    documents. Any class `llava_integration.FAMILIES` lists; `grid` applies to LLaVA-OneVision only.
 
     Model arguments (`--model_args`): `pretrained` (a merged checkpoint or a base model), `manager` (an adapter
     directory to apply), `dtype` (auto, float32, bfloat16, float16), `attn_implementation` (sdpa, eager,
@@ -106,10 +109,15 @@ class LlavaOvManager(lmms):
         self._model = load_model(pretrained, manager=manager, dtype=dtype, attn_implementation=attn_implementation)
         self._model.to(self._device).eval()
         if grid is not None:
+            if not family_of(self._model)[0].square_images:
+                raise ValueError(
+                    f"grid={grid}: {type(self._model).__name__} has one image mode (its own); grid switches "
+                    "LLaVA-OneVision between AnyRes grids and square images"
+                )
             current = self._model.config.vision_aspect_ratio
             keep = grid and current.startswith("anyres_max_")
             set_image_aspect_ratio(self._model, current if keep else (GRID_ASPECT_RATIO if grid else "square"))
-        self.image_aspect_ratio = self._model.config.vision_aspect_ratio
+        self.image_aspect_ratio = image_mode_of(self._model)
 
         self.processor = AutoProcessor.from_pretrained(pretrained)
         self.tokenizer = self.processor.tokenizer

@@ -34,7 +34,7 @@ DOCUMENTS = [
 def build_checkpoint(tiny_dir, directory, manager_type="static", seed=0):
     """The tiny model with a manager whose weights are all non-zero, saved as a merged checkpoint."""
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    model = load_model(tiny_dir, dtype=torch.float32).eval()
     apply_manager(model, ManagerConfig(manager_type=manager_type))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -247,3 +247,32 @@ def test_model_arguments(tiny_dir, static_checkpoint, tmp_path):
         LlavaOvManager(pretrained=str(tiny_dir), device="cpu", grid="sometimes")
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         LlavaOvManager(pretrained=str(tiny_dir), device="cpu", dtype="float8")
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_llava_1_5_and_next_checkpoints_evaluate_like_one_request_at_a_time(family, tmp_path):
+    from llava_integration.processing import image_mode_of
+    from llava_integration.tiny import write_tiny
+
+    base = write_tiny(tmp_path / "base", family=family)
+    checkpoint = build_checkpoint(base, tmp_path / "merged")
+    settings = {"max_new_tokens": 4, "do_sample": False}
+    evaluated = evaluation_model(checkpoint, batch_size=3)
+    answers = evaluated.generate_until(
+        requests("generate_until", lambda i, doc: (doc["text"], dict(settings), visuals, i, TASK, SPLIT))
+    )
+    assert evaluated.image_aspect_ratio is None  # the processor's own image mode
+
+    reference = load_model(checkpoint, dtype=torch.float32).eval()
+    assert manager_of(reference).config.model_family == family
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    expected = []
+    for document in documents():
+        prompt = reference_prompt(processor, document)
+        inputs = prepare_inputs(processor, [prompt], [document["images"]], image_mode_of(reference))
+        with torch.no_grad():
+            output = reference.generate(**inputs, max_new_tokens=4, do_sample=False)
+        expected.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    assert answers == expected
+    with pytest.raises(ValueError, match="grid=True: .* has one image mode"):
+        LlavaOvManager(pretrained=str(checkpoint), dtype="float32", device="cpu", grid="true")
