@@ -17,7 +17,14 @@ from loguru import logger
 from tqdm import tqdm
 from transformers import AutoProcessor
 
-from llava_integration import QUERY_MASK_KWARG, family_of, load_model, manager_of, prepare_inputs, set_image_aspect_ratio
+from llava_integration import (
+    QUERY_MASK_KWARG,
+    family_of,
+    load_model,
+    manager_of,
+    prepare_inputs,
+    set_image_aspect_ratio,
+)
 from llava_integration.processing import image_mode_of
 from llava_integration.query import instruction_query_mask
 

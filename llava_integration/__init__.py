@@ -18,9 +18,9 @@ from .query import instruction_query_mask
 from .runtime import QUERY_MASK_KWARG
 
 __all__ = [
-    "QUERY_MASK_KWARG",
     "FAMILIES",
     "MANAGER_CLASSES",
+    "QUERY_MASK_KWARG",
     "ConversionError",
     "LlavaManagerForConditionalGeneration",
     "LlavaNextManagerForConditionalGeneration",

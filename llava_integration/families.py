@@ -74,7 +74,9 @@ def one_crop_per_image(config, num_images: int, image_sizes, batch_num_images, i
 
 def next_crops(config, num_images: int, image_sizes: torch.Tensor, batch_num_images, image_mode: str) -> list[int]:
     """LLaVA-NeXT: the base view plus the AnyRes grid of every image."""
-    return [next_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) for size in image_sizes]
+    return [
+        next_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) for size in image_sizes
+    ]
 
 
 def onevision_crops(
@@ -86,7 +88,9 @@ def onevision_crops(
 
 def next_pack(model, features, image_sizes, newline, strategy, image_mode):
     """HF LLaVA-NeXT's `pack_image_features`: stitch the grid, unpad, a newline token per row, base view first."""
-    return model.pack_image_features(features, image_sizes, vision_feature_select_strategy=strategy, image_newline=newline)
+    return model.pack_image_features(
+        features, image_sizes, vision_feature_select_strategy=strategy, image_newline=newline
+    )
 
 
 def onevision_pack(model, features, image_sizes, newline, strategy, image_mode):

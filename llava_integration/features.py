@@ -43,7 +43,9 @@ def base_views(pixel_values: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
 
 
-def stack_layers(hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str) -> torch.Tensor:
+def stack_layers(
+    hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str
+) -> torch.Tensor:
     """The selected vision hidden states as `(num_crops, tokens_per_crop, N, C)`, the CLS token dropped by "default".
 
     The layer axis sits before the channels so that folding it into the channels (for packing) is a free view.

@@ -352,7 +352,9 @@ class ManagerRuntime:
             positions, experts = [], []
             for modality, features in state.captured.items():
                 if modality not in state.masks:
-                    raise RuntimeError(f"the manager's {modality} features were captured but HF's {modality} mask was not")
+                    raise RuntimeError(
+                        f"the manager's {modality} features were captured but HF's {modality} mask was not"
+                    )
                 found = state.masks[modality].reshape(-1).nonzero().squeeze(1)
                 if found.numel() != features.shape[0]:
                     raise RuntimeError(

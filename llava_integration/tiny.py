@@ -196,7 +196,11 @@ def build_clip_llama_model(family: str, seed: int = 0):
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    common = {"vision_config": vision, "text_config": text, "image_token_id": tokenizer.convert_tokens_to_ids("<image>")}
+    common = {
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
+    }
     sizes = {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
     normalise = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
     reading = {"patch_size": PATCH_SIZE, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}

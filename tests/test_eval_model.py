@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import random_image
 from lmms_eval.api.instance import GenerationResult, Instance
-from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+from transformers import AutoProcessor
 
 from eval.model import LlavaOvManager
 from llava_integration import (

@@ -191,7 +191,11 @@ def assert_untouched(model):
 
 def cases(family):
     """Batches to check: images (left and right padding), text only, and for video families videos and mixtures."""
-    found = {"images_left": (["ti", "it"], "left"), "images_right": (["tit", "i"], "right"), "text": (["t", "tt"], "left")}
+    found = {
+        "images_left": (["ti", "it"], "left"),
+        "images_right": (["tit", "i"], "right"),
+        "text": (["t", "tt"], "left"),
+    }
     if family in VIDEO_FAMILIES:
         found.update(
             videos=(["tv", "vt"], "right"),
@@ -269,7 +273,9 @@ def reference_image_features(model, inputs, layers):
         if family == "llava_onevision":
             packed, _ = inner.pack_image_features(per_image, sizes, image_newline=inner.image_newline)
         else:
-            packed, _ = inner.pack_image_features(per_image, sizes, config.vision_feature_select_strategy, inner.image_newline)
+            packed, _ = inner.pack_image_features(
+                per_image, sizes, config.vision_feature_select_strategy, inner.image_newline
+            )
         features.append(torch.cat(packed))
     return torch.stack(features, dim=1)  # (image tokens, N, D)
 

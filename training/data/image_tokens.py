@@ -7,9 +7,7 @@ from collections.abc import Sequence
 from llava_integration.processing import image_tokens_per_square_image, use_image_mode
 
 
-def image_token_counts(
-    processor, image_sizes: Sequence[tuple[int, int]], image_aspect_ratio: str | None
-) -> list[int]:
+def image_token_counts(processor, image_sizes: Sequence[tuple[int, int]], image_aspect_ratio: str | None) -> list[int]:
     """Tokens per image of ONE sample, from the images' `(height, width)`.
 
     Square: the base view only. AnyRes: a single image gets its grid (HF's formula, capped by `anyres_max_<N>`); each
@@ -19,7 +17,9 @@ def image_token_counts(
     if image_aspect_ratio is None:
         if not image_sizes:
             return []
-        return list(processor._get_num_multimodal_tokens(image_sizes=[list(size) for size in image_sizes]).num_image_tokens)
+        return list(
+            processor._get_num_multimodal_tokens(image_sizes=[list(size) for size in image_sizes]).num_image_tokens
+        )
     if image_aspect_ratio == "square":
         return [image_tokens_per_square_image(processor)] * len(image_sizes)
     drop_cls = 1 if processor.vision_feature_select_strategy == "default" else 0
