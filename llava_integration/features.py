@@ -60,10 +60,10 @@ def stack_layers(
 
 
 def project_layers(
-    model: nn.Module, hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str
+    projector: nn.Module, hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str
 ) -> torch.Tensor:
     """The selected vision hidden states through the model's own projector in one call: `(num_crops, T, N, D)`."""
-    return model.multi_modal_projector(stack_layers(hidden_states, layers, select_strategy))
+    return projector(stack_layers(hidden_states, layers, select_strategy))
 
 
 def pack_like_main_feature(

@@ -199,6 +199,12 @@ class ManagerRuntime:
     def _end(self, module: nn.Module, args: tuple, output) -> None:
         self._state = None
 
+    def _main_feature(self, layer: int | list[int] | None, strategy: str | None) -> tuple[int | list[int], str]:
+        """The main vision feature layer and select strategy of this call: the arguments, else the config's."""
+        config = self.model.config
+        layer = getattr(config, self.family.feature_layer) if layer is None else layer
+        return layer, strategy or getattr(config, self.family.select_strategy)
+
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
@@ -211,8 +217,7 @@ class ManagerRuntime:
     ):
         """HF's `get_image_features`, plus the manager's layers captured from the same vision pass."""
         config = self.model.config
-        feature_layer = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        feature_layer, strategy = self._main_feature(vision_feature_layer, vision_feature_select_strategy)
         aspect = vision_aspect_ratio or getattr(config, "vision_aspect_ratio", None)
         managed = self.managers is not None and "image" in self.managed_modalities()
         manager_layers = self.managers.config.vision_layers if managed else []
@@ -234,7 +239,7 @@ class ManagerRuntime:
         if not manager_layers:
             return outputs
         experts, lengths = self._manager_features(
-            outputs.hidden_states, pixel_values, image_sizes, batch_num_images, strategy, aspect
+            outputs.hidden_states, image_sizes, batch_num_images, strategy, aspect
         )
         if self._state is not None:
             self._state.captured["image"] = experts
@@ -249,9 +254,7 @@ class ManagerRuntime:
         **kwargs,
     ):
         """HF's `get_video_features`, plus the manager's layers of every frame, pooled as HF pools the main feature."""
-        config = self.model.config
-        feature_layer = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        feature_layer, strategy = self._main_feature(vision_feature_layer, vision_feature_select_strategy)
         managed = self.managers is not None and "video" in self.managed_modalities()
         manager_layers = self.managers.config.vision_layers if managed else []
         if manager_layers and kwargs.get("output_hidden_states") is not True:
@@ -280,17 +283,16 @@ class ManagerRuntime:
     ):
         kwargs.pop("return_dict", None)
         kwargs.setdefault("output_hidden_states", [feature_layer, *manager_layers])
-        outputs = self.model.vision_tower(base_views(pixel_values), return_dict=True, **kwargs)
+        outputs = self.family.part(self.model, "vision_tower")(base_views(pixel_values), return_dict=True, **kwargs)
         feature = outputs.hidden_states[feature_layer]
         if strategy == "default":
             feature = feature[:, 1:]
-        outputs.pooler_output = list(self.model.multi_modal_projector(feature))
+        outputs.pooler_output = list(self.family.part(self.model, "projector")(feature))
         return outputs
 
     def _manager_features(
         self,
         hidden_states: tuple,
-        pixel_values: torch.Tensor,
         image_sizes: torch.Tensor | None,
         batch_num_images: torch.Tensor | None,
         strategy: str,
@@ -298,7 +300,8 @@ class ManagerRuntime:
     ) -> tuple[torch.Tensor, list[int]]:
         """`(V, N, D)` features of every image token and the tokens per image; zero at unmanaged tokens."""
         config = self.managers.config
-        projected = project_layers(self.model, hidden_states, config.vision_layers, strategy)
+        projector = self.family.part(self.model, "projector")
+        projected = project_layers(projector, hidden_states, config.vision_layers, strategy)
         experts = self.managers.layer_embedding(projected)
         family = self.family
         crops = family.crops(self.model.config, projected.shape[0], image_sizes, batch_num_images, aspect)

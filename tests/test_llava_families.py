@@ -436,3 +436,24 @@ def test_remove_manager_restores_the_exact_original(family):
     remove_manager(model)
     assert_untouched(model)
     assert torch.equal(logits(model, inputs), base)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_next_video"])
+def test_only_onevision_switches_image_modes(family):
+    from llava_integration import set_image_aspect_ratio
+
+    model = build(family)
+    with pytest.raises(ValueError, match="image aspect ratio 'square': .* has one image mode"):
+        set_image_aspect_ratio(model, "square")
+    assert_untouched(model)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next_video"])
+def test_managers_take_the_models_dtype_and_device(family):
+    half = build(family).to(torch.bfloat16)
+    apply_manager(half)
+    assert {parameter.dtype for parameter in manager_of(half).parameters()} == {torch.bfloat16}
+    with torch.device("meta"):
+        meta = type(half)(half.config)
+    apply_manager(meta)
+    assert all(parameter.is_meta for parameter in manager_of(meta).parameters())
