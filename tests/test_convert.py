@@ -505,6 +505,8 @@ def test_manager_adapter_translates_the_config_field_by_field(converted):
         "grid_type": "all",
         "jitter": 0.01,
         "hidden_size": 64,
+        "modalities": "both",
+        "model_family": "llava_onevision",
         "injection_interval": 4,
     }
     weights = load_file(destination / "manager.safetensors")
