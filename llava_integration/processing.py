@@ -37,30 +37,37 @@ def prepare_inputs(
     text: Sequence[str],
     images: Sequence[Sequence[Image.Image]] | None,
     image_aspect_ratio: str | None,
+    videos: Sequence[Sequence] | None = None,
     **tokenizer_kwargs,
 ) -> BatchFeature:
-    """Tokenised `text` (one `<image>` per image) with pixel values, as the model expects in `image_aspect_ratio`.
+    """Tokenised `text` (one `<image>` per image, one `<video>` per video) with pixel values, as the model expects
+    in `image_aspect_ratio`.
 
-    `images` holds one list per text (empty for text-only samples). With "square" each image is resized to the
-    tower's input size and becomes its base view's tokens, with no grid and no newline token. None: the
+    `images` and `videos` hold one list per text (empty for samples without). With "square" each image is resized
+    to the tower's input size and becomes its base view's tokens, with no grid and no newline token. None: the
     processor's own (and only) image mode, for LLaVA-1.5 and LLaVA-NeXT (`image_mode_of(model)` says which).
+    Videos (frames as arrays or images) are the processor's in every mode.
     """
     tokenizer_kwargs.setdefault("padding", True)
     tokenizer_kwargs.setdefault("return_tensors", "pt")
     has_images = images is not None and any(len(group) for group in images)
+    flat_videos = [video for group in videos or [] for video in group] or None
     if image_aspect_ratio != SQUARE:
-        if not has_images:
+        if not has_images and flat_videos is None:
             return BatchFeature(dict(processor.tokenizer(list(text), **tokenizer_kwargs)))
         use_image_mode(processor, image_aspect_ratio)
         # OneVision reads the per-sample grouping (an image of a multi-image sample keeps its base view only); the
         # other processors take the images in placeholder order.
         grouped = [list(group) for group in images] if image_aspect_ratio is not None else None
-        flat = grouped or [image for group in images for image in group]
-        return processor(text=list(text), images=flat, **tokenizer_kwargs)
+        flat = (grouped or [image for group in images for image in group]) if has_images else None
+        return processor(text=list(text), images=flat, videos=flat_videos, **tokenizer_kwargs)
 
     image_token = processor.image_token
     expanded = [sample.replace(image_token, image_token * image_tokens_per_square_image(processor)) for sample in text]
-    encoded = dict(processor.tokenizer(expanded, **tokenizer_kwargs))
+    if flat_videos is None:
+        encoded = dict(processor.tokenizer(expanded, **tokenizer_kwargs))
+    else:  # the processor expands the video tokens; the image tokens are expanded already
+        encoded = dict(processor(text=expanded, videos=flat_videos, **tokenizer_kwargs))
     if has_images:
         flat = [image for group in images for image in group]
         size = processor.image_processor.size
