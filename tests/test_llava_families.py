@@ -457,3 +457,14 @@ def test_managers_take_the_models_dtype_and_device(family):
         meta = type(half)(half.config)
     apply_manager(meta)
     assert all(parameter.is_meta for parameter in manager_of(meta).parameters())
+
+
+def test_defaults_resolve_per_model_as_for_onevision():
+    """LLaVA-1.5-7B's shape (HF's default LlavaConfig): CLIP-L/336, main feature -2 = hidden state 23 of 25, Llama with
+    32 layers: vision layers 11..22, injection every 4th decoder layer."""
+    from llava_integration.patch import resolve_manager_config
+
+    resolved = resolve_manager_config(LlavaConfig(), ManagerConfig())
+    assert resolved.vision_layers == list(range(11, 23))
+    assert resolved.injection_layers == list(range(0, 32, 4))
+    assert (resolved.hidden_size, resolved.model_family, resolved.modalities) == (4096, "llava", "both")
