@@ -113,6 +113,7 @@ class ManagerRuntime:
         self._layer_handles: list = []
         self._replaced: dict[str, object] = {}
         self._original = {}
+        self._image_extras: list[str] = []  # the `_IMAGE_EXTRAS` the wrapped get_image_features takes
 
     # -- installation --------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -127,6 +128,8 @@ class ManagerRuntime:
             self._replaced[name] = model.__dict__.get(name)  # an instance attribute someone set before us, if any
             self._original[name] = getattr(model, name)
             setattr(model, name, wrapper)
+        accepted = inspect.signature(self._original["get_image_features"]).parameters
+        self._image_extras = [name for name in _IMAGE_EXTRAS if name in accepted]
         self._model_handles = [
             model.register_forward_pre_hook(self._begin, with_kwargs=True),
             model.register_forward_hook(self._end, always_call=True),
@@ -228,12 +231,11 @@ class ManagerRuntime:
             outputs = self._square_image_features(pixel_values, feature_layer, strategy, manager_layers, **kwargs)
         else:
             extras = {"image_sizes": image_sizes, "vision_aspect_ratio": aspect, "batch_num_images": batch_num_images}
-            accepted = inspect.signature(self._original["get_image_features"]).parameters
             outputs = self._original["get_image_features"](
                 pixel_values,
                 vision_feature_layer=feature_layer,
                 vision_feature_select_strategy=strategy,
-                **{name: extras[name] for name in _IMAGE_EXTRAS if name in accepted and extras[name] is not None},
+                **{name: extras[name] for name in self._image_extras if extras[name] is not None},
                 **kwargs,
             )
         if not manager_layers:
