@@ -13,7 +13,7 @@ from .loading import (
     load_model,
 )
 from .patch import apply_manager, manager_of, remove_manager, set_image_aspect_ratio
-from .processing import prepare_inputs
+from .processing import image_mode_of, prepare_inputs
 from .query import instruction_query_mask
 from .runtime import QUERY_MASK_KWARG
 
@@ -31,6 +31,7 @@ __all__ = [
     "convert_hf_to_llava_next",
     "convert_llava_next_to_hf",
     "family_of",
+    "image_mode_of",
     "instruction_query_mask",
     "load_manager",
     "load_model",
