@@ -338,3 +338,14 @@ def test_video_documents_evaluate_like_one_request_at_a_time(static_checkpoint, 
             output = reference.generate(**inputs, max_new_tokens=4, do_sample=False)
         expected.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     assert answers == expected
+
+
+def test_documents_give_images_and_sampled_video_frames_and_refuse_anything_else(tmp_path):
+    from eval.prompting import request_media
+
+    video = write_video(tmp_path / "clip.mp4", frames=6)
+    media = request_media([random_image(20, 30), video], "doc 0", num_frames=3)
+    assert [image.size for image in media.images] == [(30, 20)]
+    assert [frames.shape for frames in media.videos] == [(3, 64, 64, 3)]
+    with pytest.raises(TypeError, match=r"doc 1: llava_ov_manager takes images and video files .* got a dict"):
+        request_media([{"array": [0.0], "sampling_rate": 16000}], "doc 1", num_frames=3)
