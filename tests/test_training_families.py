@@ -34,6 +34,7 @@ def test_a_manager_recipe_fine_tunes_llava_1_5_and_next_with_their_own_chat_temp
         "--image_folder", str(data), "--output_dir", str(out), "--global_batch_size", "2",
         "--per_device_train_batch_size", "2", "--max_steps", "2", "--warmup_steps", "0",
         "--gradient_checkpointing", "false", "--report_to", "none", "--disable_tqdm", "true",
+        "--manager_modalities", "images",
     ])  # fmt: skip
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     losses = [entry["loss"] for entry in history if "loss" in entry]
@@ -44,7 +45,7 @@ def test_a_manager_recipe_fine_tunes_llava_1_5_and_next_with_their_own_chat_temp
         family, "LlavaNextForConditionalGeneration"
     )
     managers = manager_of(trained)
-    assert managers.config.model_family == family
+    assert (managers.config.model_family, managers.config.modalities) == (family, "images")
     assert all(manager.layer_weights.abs().sum() > 0 for manager in managers.managers)  # it learnt from zero
     adapter = load_manager(load_model(base), out)  # the adapter written beside the merged checkpoint
     for name, tensor in manager_of(adapter).state_dict().items():
