@@ -3,7 +3,9 @@ LLaVA-OneVision's square images (base view only)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from functools import partial
 
 from PIL import Image
 from transformers import BatchFeature
@@ -64,10 +66,16 @@ def prepare_inputs(
 
     image_token = processor.image_token
     expanded = [sample.replace(image_token, image_token * image_tokens_per_square_image(processor)) for sample in text]
-    if flat_videos is None:
-        encoded = dict(processor.tokenizer(expanded, **tokenizer_kwargs))
-    else:  # the processor expands the video tokens; the image tokens are expanded already
-        encoded = dict(processor(text=expanded, videos=flat_videos, **tokenizer_kwargs))
+    videos_in = None
+    if flat_videos is not None:  # each video's tokens as the processor counts them, in placeholder order
+        videos_in = processor.video_processor(flat_videos, return_tensors=tokenizer_kwargs["return_tensors"])
+        index = iter(range(len(flat_videos)))
+        video_token = re.escape(processor.video_token)
+        expand = partial(re.sub, video_token, lambda _: processor.replace_video_token(videos_in, next(index)))
+        expanded = [expand(sample) for sample in expanded]
+    encoded = dict(processor.tokenizer(expanded, **tokenizer_kwargs))
+    if videos_in is not None:
+        encoded["pixel_values_videos"] = videos_in["pixel_values_videos"]
     if has_images:
         flat = [image for group in images for image in group]
         size = processor.image_processor.size

@@ -464,3 +464,27 @@ def test_manager_features_are_packed_exactly_as_hf_packs_each_layer(tiny_model, 
             for n in range(3)
         ]
     assert torch.equal(packed, torch.stack(reference, dim=1))
+
+
+def test_square_images_and_videos_share_a_batch(tiny_model, tiny_processor):
+    """Square mode: the images' tokens are expanded by `prepare_inputs`, the videos' as the processor counts them."""
+    import numpy as np
+
+    set_image_aspect_ratio(tiny_model, "square")
+    content = [{"type": "video"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
+    texts = [
+        tiny_processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True),
+        tiny_processor.apply_chat_template([{"role": "user", "content": "Say yes."}], add_generation_prompt=True),
+    ]
+    frames = (np.random.default_rng(0).random((4, 48, 48, 3)) * 255).astype("uint8")
+    inputs = prepare_inputs(tiny_processor, texts, [[random_image(30, 50)], []], "square", videos=[[frames], []])
+    ids = inputs["input_ids"]
+    assert int((ids == tiny_model.config.image_token_id).sum()) == 16  # one 32 px crop, no newline
+    assert int((ids == tiny_model.config.video_token_id).sum()) == 4 * 2 * 2 + 1  # 4 pooled frames, a newline
+    base = logits(tiny_model, inputs)
+    apply_manager(tiny_model)
+    assert torch.equal(logits(tiny_model, inputs), base)
+    randomise_managers(tiny_model)
+    delta = streams_entering(tiny_model, inputs, [0], False)[0] - streams_entering(tiny_model, inputs, [0], True)[0]
+    visual = (ids == tiny_model.config.image_token_id) | (ids == tiny_model.config.video_token_id)
+    assert torch.equal(delta.abs().amax(-1) > 0, visual)
