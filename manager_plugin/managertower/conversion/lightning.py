@@ -3,8 +3,10 @@
 The authors' code (`src/modules/mt_module.py`, `bt_module.py`) saves `{"state_dict": ..., "hyper_parameters":
 {"config": <the sacred config>}}`. The target config is derived from those hyper-parameters and from tensor shapes;
 then each tensor of the target model is pulled from the original state dict by the first rule whose pattern matches
-its name. Every original tensor must be used, be a known leftover of the original code, or belong to a head the
-chosen class does not hold (those are reported), so nothing is dropped unnoticed. Everything is read and checked
+its name. Every original tensor must be used, be a known leftover of the original code, belong to a head the chosen
+class does not hold, or be a buffer its module fills itself (RoBERTa's position ids, which the transformers 4.17 the
+authors pin saves; checked to hold those values); all but the used ones are reported, so nothing is dropped unnoticed.
+Hyper-parameters are read as PyTorch-Lightning 1.5 stores them (`{"config": {...}}`). Everything is read and checked
 before anything is written, and the destination appears only when complete.
 """
 
@@ -29,7 +31,16 @@ from ...io import ConversionError, check_destination, staged_directory
 from ..heads import TASK_HEADS
 from ..modeling_managertower import ManagerTowerModel
 from .original import OriginalConfig, load_lightning_checkpoint, read_hparams, sacred_config
-from .rules import HEAD_TENSORS, HF_BRIDGETOWER_RULES, LEFTOVERS, MANAGERTOWER_RULES, Getter, Plan, resolve
+from .rules import (
+    HEAD_TENSORS,
+    HF_BRIDGETOWER_RULES,
+    LEFTOVERS,
+    MANAGERTOWER_RULES,
+    Getter,
+    Plan,
+    check_constant_buffers,
+    resolve,
+)
 from .target import bridgetower_config, managertower_config
 
 FORMATS = ("managertower", "hf-bridgetower")
@@ -122,7 +133,10 @@ def convert_lightning_checkpoint(
     plan = Plan(original=original, expected={n.removeprefix(prefix): s for n, s in expected.items()})
     values, used = resolve(tensors, rules, plan)
     unused = sorted(set(tensors) - used)
-    unexpected = [name for name in unused if not (LEFTOVERS.match(name) or HEAD_TENSORS.match(name))]
+    constant = set(check_constant_buffers(tensors))
+    unexpected = [
+        name for name in unused if not (name in constant or LEFTOVERS.match(name) or HEAD_TENSORS.match(name))
+    ]
     if unexpected:
         raise ConversionError(
             f"unexpected tensors in {checkpoint.name} for a model_type {original.model_type!r} model with these "
