@@ -224,7 +224,9 @@ def original_module(config: dict) -> nn.Module:
     else:
         model.cross_modal_text_layernorm = nn.LayerNorm(hs)
         model.cross_modal_image_layernorm = nn.LayerNorm(hs)
-        model.cross_modal_text_link_tower = nn.ModuleList(_module(LayerNorm=nn.LayerNorm(hs)) for _ in range(layers - 1))
+        model.cross_modal_text_link_tower = nn.ModuleList(
+            _module(LayerNorm=nn.LayerNorm(hs)) for _ in range(layers - 1)
+        )
         model.cross_modal_image_link_tower = nn.ModuleList(
             _module(LayerNorm=nn.LayerNorm(hs)) for _ in range(layers - 1)
         )
