@@ -20,16 +20,21 @@ from typing import Any
 import torch
 from transformers import (
     AutoTokenizer,
+    BaseImageProcessor,
     BridgeTowerForImageAndTextRetrieval,
     BridgeTowerForMaskedLM,
+    BridgeTowerImageProcessor,
     BridgeTowerModel,
+    BridgeTowerProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    ProcessorMixin,
 )
 
 from ...io import ConversionError, check_destination, staged_directory
 from ..heads import TASK_HEADS
 from ..modeling_managertower import ManagerTowerModel
+from ..processing_managertower import ManagerTowerProcessor, image_processor_for
 from .original import OriginalConfig, load_lightning_checkpoint, read_hparams, sacred_config
 from .rules import (
     HEAD_TENSORS,
@@ -110,7 +115,8 @@ def convert_lightning_checkpoint(
     `output_format`: `managertower` (BridgeTower becomes ManagerTower's `bridge` mode) or `hf-bridgetower`.
     `image_size`: the resolution to convert to (default: the checkpoint's); CLIP's positions are resized bicubically.
     `hparams`: the sacred config (a mapping or a JSON file), used instead of the checkpoint's `hyper_parameters`.
-    `tokenizer`: a tokenizer (directory or hub name) to save with the model.
+    `tokenizer`: a tokenizer (directory or hub name): the model is saved with its processor (tokenizer and image
+    processor, as the checkpoint is evaluated: `val_transform_keys`); without one, with its image processor alone.
     """
     checkpoint, destination = Path(checkpoint), Path(destination)
     if head not in HEADS:
@@ -147,11 +153,23 @@ def convert_lightning_checkpoint(
     own = model.state_dict().keys()  # the extra heads of `expected` are saved with it, not loaded into it
     model.load_state_dict({n: t for n, t in state.items() if n in own}, strict=True, assign=True)
     loaded_tokenizer = _load_tokenizer(tokenizer) if tokenizer is not None else None
+    processor = _processor(output_format, image_size or original.image_size, original.eval_transform, loaded_tokenizer)
     with staged_directory(destination) as staging:
         model.save_pretrained(staging, state_dict=state)
-        if loaded_tokenizer is not None:
-            loaded_tokenizer.save_pretrained(staging)
+        processor.save_pretrained(staging)
     return ConversionResult(destination=destination, architecture=type(model).__name__, dropped=tuple(unused))
+
+
+def _processor(
+    output_format: str, image_size: int, eval_transform: str, tokenizer: PreTrainedTokenizerBase | None
+) -> ProcessorMixin | BaseImageProcessor:
+    """What users call the model with: the processor (the image processor alone without a tokenizer)."""
+    if output_format == "managertower":
+        images: BaseImageProcessor = image_processor_for(image_size, eval_transform)
+        return images if tokenizer is None else ManagerTowerProcessor(images, tokenizer)
+    # HF BridgeTower's own processor, as its checkpoints ship it (its resize rounds sides to multiples of 32).
+    images = BridgeTowerImageProcessor(size={"shortest_edge": image_size}, crop_size={"shortest_edge": image_size})
+    return images if tokenizer is None else BridgeTowerProcessor(images, tokenizer)
 
 
 def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
