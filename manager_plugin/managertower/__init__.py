@@ -20,7 +20,7 @@ from .modeling_managertower import (
     UnimodalEncoding,
 )
 from .processing_managertower import ManagerTowerImageProcessor, ManagerTowerProcessor
-from .retrieval import encode_corpus, recall_at_k, rerank_scores
+from .retrieval import RetrievalRanking, encode_corpus, rank, recall_at_k, rerank_scores
 
 __all__ = [
     "MANAGER_TOWER_TYPES",
@@ -42,9 +42,11 @@ __all__ = [
     "ManagerTowerPreTrainingOutput",
     "ManagerTowerProcessor",
     "ManagerTowerTaskOutput",
+    "RetrievalRanking",
     "StaticAggregation",
     "UnimodalEncoding",
     "encode_corpus",
+    "rank",
     "recall_at_k",
     "rerank_scores",
 ]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,9 @@ from transformers.utils import ModelOutput
 
 from .configuration_managertower import ManagerTowerConfig
 from .modeling_managertower import ManagerTowerModel, ManagerTowerPreTrainedModel, UnimodalEncoding, grow_token_types
+
+if TYPE_CHECKING:
+    from .retrieval import RetrievalRanking
 
 
 def classification_head(in_features: int, hidden: int, num_labels: int) -> nn.Sequential:
@@ -61,6 +66,22 @@ class ManagerTowerHeadModel(ManagerTowerPreTrainedModel):
                 f"{config.num_token_types}: build it with from_base_model, which adds them"
             )
         self.managertower = ManagerTowerModel(config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
+        """As `PreTrainedModel.from_pretrained`; called on `ManagerTowerHeadModel` itself, loads the head class the
+        directory was saved from (its config's `architectures`), for the heads HF has no Auto class for."""
+        if cls is not ManagerTowerHeadModel:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        config = kwargs.get("config") or ManagerTowerConfig.from_pretrained(pretrained_model_name_or_path)
+        heads = {head.__name__: head for head in TASK_HEADS.values()}
+        saved = [name for name in config.architectures or [] if name in heads]
+        if not saved:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds architectures {config.architectures}, not a ManagerTower head: "
+                f"expected one of {sorted(heads)} (load a bare model with ManagerTowerModel)"
+            )
+        return heads[saved[0]].from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_base_model(cls, base: ManagerTowerModel, **config_overrides):
@@ -270,6 +291,21 @@ class ManagerTowerForImageTextRetrieval(ManagerTowerHeadModel):
     def itm_logits(self, text: UnimodalEncoding, image: UnimodalEncoding) -> torch.Tensor:
         """ITM logits (B, 2) of text-image pairs; `[:, 1]` is the matching score used for re-ranking."""
         return self.itm_score(self.managertower.fuse(text, image).pooler_output)
+
+    def rank(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        *,
+        k: int = 16,
+        batch_size: int = 64,
+    ) -> RetrievalRanking:
+        """The texts ranked for each image and the images for each text (see `retrieval.rank`)."""
+        from .retrieval import rank
+
+        return rank(self, input_ids, attention_mask, pixel_values, pixel_mask, k=k, batch_size=batch_size)
 
     def forward(
         self,

@@ -157,6 +157,12 @@ class ManagerTowerModel(ManagerTowerPreTrainedModel):
         self.image_layer_embedding = LayerEmbedding(config.num_managed_layers, hidden) if with_layer_embedding else None
         self.cross_modal_text_managers = build_managers(config)
         self.cross_modal_image_managers = build_managers(config)
+        # `manager_query_mask` follows the reference for text padding (image managers query the text stream). The
+        # text managers query the image stream, whose padding (from `pixel_mask`) the reference never had: always
+        # masked, which changes nothing on unpadded images.
+        for manager in self.cross_modal_text_managers:
+            if isinstance(manager, AdaptiveAggregation):
+                manager.mask_query = True
         self.cross_layer_config = _cross_layer_config(config)
         self.cross_modal_text_layers = nn.ModuleList(
             _cross_layer(self.cross_layer_config) for _ in range(config.num_hidden_layers)
