@@ -19,14 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
     AutoTokenizer,
     BridgeTowerForImageAndTextRetrieval,
     BridgeTowerForMaskedLM,
+    BridgeTowerImageProcessor,
     RobertaConfig,
     RobertaModel,
 )
 
-from manager_plugin.managertower import TASK_HEADS, ManagerTowerConfig, ManagerTowerModel
+from manager_plugin.managertower import TASK_HEADS, ManagerTowerConfig, ManagerTowerModel, ManagerTowerProcessor
 from manager_plugin.managertower.conversion import ConversionError, convert_lightning_checkpoint
 from manager_plugin.managertower.convert import main
 from manager_plugin.managertower.tiny import build_tokenizer
@@ -61,8 +64,10 @@ def hparams(model_type: str = "MT", head: str = "pretrain", **overrides) -> dict
         "num_nodes": 1, "num_workers": 8, "precision": 32, "per_gpu_batchsize": 4, "per_gpu_eval_batchsize": 16,
         "exp_name": model_type, "group_name": "vqa", "run_name": "ftfpt-576-4-16", "resume_from": None,
         "fast_dev_run": False, "val_check_interval": 1.0, "test_only": False, "log_every_n_steps": 50, "seed": 0,
-        "datasets": ["vqa"], "loss_names": losses, "batch_size": 504, "train_transform_keys": ["clip_randaug"],
-        "val_transform_keys": ["clip"], "image_size": IMAGE, "patch_size": PATCH, "draw_false_image": 0,
+        "datasets": ["vqa"], "loss_names": losses, "batch_size": 504,
+        # Pre-training uses `clip`; the fine-tuning scripts name `albef_randaug_wohf`, evaluated with `albef`.
+        "train_transform_keys": ["clip"] if head == "pretrain" else ["albef_randaug_wohf"],
+        "val_transform_keys": ["clip"] if head == "pretrain" else ["albef"], "image_size": IMAGE, "patch_size": PATCH, "draw_false_image": 0,
         "image_only": False, "resolution_before": 224, "vqav2_label_size": 5, "max_text_len": 50,
         "tokenizer": "roberta-base", "vocab_size": VOCAB, "whole_word_masking": False, "mlm_prob": 0.15,
         "draw_false_text": 0, "input_image_embed_size": WIDTH, "input_text_embed_size": WIDTH,
@@ -725,6 +730,8 @@ def test_bridgetower_converts_to_hf_bridgetower(converted, batch, tmp_path):
         case["root"] / "original.ckpt", tmp_path / "hf", output_format="hf-bridgetower"
     )
     assert result.architecture == "BridgeTowerForMaskedLM"
+    images = AutoImageProcessor.from_pretrained(tmp_path / "hf")  # HF BridgeTower's own, at the checkpoint's size
+    assert type(images) is BridgeTowerImageProcessor and images.size.shortest_edge == IMAGE
     assert "text_transformer.pooler.dense.weight" not in result.dropped  # HF BridgeTower keeps RoBERTa's pooler
     input_ids, attention_mask, pixel_values = batch
     mlm, mlm_info = BridgeTowerForMaskedLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
@@ -764,6 +771,10 @@ def test_command_line_converts_and_reports_what_it_drops(converted, tmp_path, ca
     printed = capsys.readouterr().out
     assert "ManagerTowerForVisualQuestionAnswering" in printed and "vit_model.ln_final.weight" in printed
     assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == build_tokenizer().get_vocab()
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")  # saved with its processor, as evaluated: `albef`
+    assert type(processor) is ManagerTowerProcessor
+    images = processor.image_processor
+    assert (images.size.shortest_edge, images.do_center_crop, images.do_pad) == (IMAGE, False, False)
     assert ManagerTowerConfig.from_pretrained(tmp_path / "out").num_labels == 5  # the hparams' vqav2_label_size
     with pytest.raises(SystemExit, match="convert: error: destination .* already exists"):
         main([str(case["root"] / "original.ckpt"), str(tmp_path / "out")])
@@ -804,6 +815,8 @@ def _bad(case: dict, what: str) -> tuple[dict | None, dict | None, dict]:
         state["cross_modal_text_link_tower.0.LayerNorm.weight"] = torch.ones(WIDTH)
     elif what == "altered position ids":
         state["text_transformer.embeddings.position_ids"] = torch.arange(40).flip(0)[None]
+    elif what == "unknown eval transform":
+        config["val_transform_keys"] = ["pixelbert"]
     elif what == "bert text encoder":
         config["tokenizer"] = "bert-base-uncased"
     elif what == "separate vit layernorms":
@@ -828,6 +841,7 @@ BAD = {
     "hparams that do not fit the weights": r"layer_scores has shape \(1, 2, 1, 128\), expected \(1, 3, 1, 128\)",
     "unexpected tensor": r"unexpected tensors .*cross_modal_text_link_tower\.0\.LayerNorm\.weight",
     "altered position ids": r"text_transformer\.embeddings\.position_ids of shape \(1, 40\) does not hold 0, 1",
+    "unknown eval transform": r"val_transform_keys \['pixelbert'\]: no ManagerTowerProcessor equivalent",
     "bert text encoder": "only RoBERTa text encoders convert",
     "separate vit layernorms": "vit_layernorm_shared=False has no ManagerTower equivalent",
     "several tasks": r"several tasks .* choose one with --head",
