@@ -10,9 +10,11 @@ with the original code's formulas, in plain torch; an inverse mapping written he
 from __future__ import annotations
 
 import json
+import lzma
 import math
 import re
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -712,6 +714,35 @@ def test_round_trip_through_the_original_layout_is_lossless(converted, case_name
         "text_transformer.pooler.dense.weight",
     } <= dropped
     assert ("temperature" in dropped) == (head != "retrieval")
+
+
+AUTHORS_RUN = Path(__file__).parent / "data" / "managertower_original"
+
+
+def test_a_checkpoint_written_by_the_authors_code_converts_and_reproduces_their_outputs(tmp_path):
+    """`data/managertower_original/make_reference.py` ran the authors' ManagerTower code (torch 1.11, transformers
+    4.17, pytorch-lightning 1.5.10) on a tiny AAUE model: their Lightning module saved by their Trainer, and their
+    `infer` + heads' outputs on fixed inputs. The conversion must reproduce those outputs."""
+    checkpoint = tmp_path / "mt_aaue_pretrain.ckpt"
+    checkpoint.write_bytes(lzma.decompress((AUTHORS_RUN / "mt_aaue_pretrain.ckpt.xz").read_bytes()))
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["pytorch-lightning_version"] == "1.5.10" and saved["hparams_name"] == "kwargs"
+    assert list(saved["hyper_parameters"]) == ["config"]  # save_hyperparameters() in __init__(self, config)
+    assert saved["state_dict"]["text_transformer.embeddings.position_ids"].shape == (1, 40)  # transformers 4.17
+    result = convert_lightning_checkpoint(checkpoint, tmp_path / "hf")
+    assert result.architecture == "ManagerTowerForPreTraining"
+    assert {"text_transformer.embeddings.position_ids", "text_transformer.pooler.dense.weight"} <= set(result.dropped)
+    theirs = torch.load(AUTHORS_RUN / "mt_aaue_pretrain_outputs.pt", weights_only=True)
+    model = TASK_HEADS["pretrain"].from_pretrained(tmp_path / "hf").eval()
+    inputs = (theirs["input_ids"], theirs["attention_mask"], theirs["pixel_values"])
+    with torch.no_grad():
+        fused = model.managertower(*inputs)
+        heads = model(*inputs)
+    tolerance = {"atol": 1e-5, "rtol": 0}
+    torch.testing.assert_close(fused.text_features, theirs["text_feats"], **tolerance)
+    torch.testing.assert_close(fused.pooler_output, theirs["cls_feats"], **tolerance)
+    torch.testing.assert_close(heads.mlm_logits, theirs["mlm_logits"], **tolerance)
+    torch.testing.assert_close(heads.itm_logits, theirs["itm_logits"], **tolerance)
 
 
 def test_converted_directory_loads_with_hf_tools(converted):
