@@ -119,6 +119,19 @@ def test_model_takes_processor_outputs_with_pixel_mask_for_every_head(tiny_dir, 
     assert outputs["vqav2"].logits.shape == (3, 5)
     assert outputs["snli_ve"].logits.shape == (3, 3) and outputs["nlvr2"].logits.shape == (3, 2)
     assert outputs["retrieval"].losses.keys() == {"itc", "itm"}
+    # Pre-training's ITM swaps in false images where the label is 0, with their own (padded) masks.
+    padded = processor(images=IMAGES[1:], text=TEXTS[:3], padding=True, do_center_crop=False, return_tensors="pt")
+    true_mask, false_mask = padded["pixel_mask"], padded["pixel_mask"].flip(0)
+    false = {"false_pixel_values": padded["pixel_values"].flip(0), "false_pixel_mask": false_mask}
+    pretrain = _head(base, "pretrain")
+    with torch.no_grad():
+        trained = pretrain(**padded, **false, itm_labels=torch.tensor([1, 0, 0]))
+        swapped = torch.cat((padded["pixel_values"][:1], false["false_pixel_values"][1:]))
+        expected = pretrain(
+            padded["input_ids"], padded["attention_mask"], swapped, torch.cat((true_mask[:1], false_mask[1:]))
+        )
+    assert trained.losses.keys() == {"itm"}
+    torch.testing.assert_close(trained.itm_logits, expected.itm_logits, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match=r"pixel_mask of shape \(3, 16, 16\) does not fit .* expected \(3, 32, 32\)"):
         base(**{**inputs, "pixel_mask": torch.ones(3, 16, 16, dtype=torch.long)})
 
