@@ -361,11 +361,15 @@ def test_stage_options_use_the_current_names_and_no_pinned_memory_on_cpu(inputs,
     assert not [w for w in recwarn if issubclass(w.category, FutureWarning) and "checkpointing" in str(w.message)]
 
 
-def test_tiny_model_generation_stops_at_its_end_token(tiny_dir):
-    from transformers import AutoProcessor, GenerationConfig, LlavaOnevisionConfig
+@pytest.mark.parametrize("family", ["llava_onevision", "llava", "llava_next"])
+def test_tiny_models_carry_their_end_and_padding_ids(family, tiny_dir, tmp_path):
+    from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
-    tokenizer = AutoProcessor.from_pretrained(tiny_dir).tokenizer
-    config, generation = LlavaOnevisionConfig.from_pretrained(tiny_dir), GenerationConfig.from_pretrained(tiny_dir)
+    from llava_integration.tiny import write_tiny
+
+    directory = tiny_dir if family == "llava_onevision" else write_tiny(tmp_path / family, family=family)
+    tokenizer = AutoProcessor.from_pretrained(directory).tokenizer
+    config, generation = AutoConfig.from_pretrained(directory), GenerationConfig.from_pretrained(directory)
     end, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert (config.text_config.eos_token_id, config.text_config.pad_token_id) == (end, pad)
     assert (generation.eos_token_id, generation.pad_token_id) == (end, pad)
