@@ -12,8 +12,7 @@ import argparse
 import logging
 import sys
 
-from .paths import check_paths
-from .recipe import load_recipe, recipe_names
+from .paths import check_paths  # light: the recipes and the model libraries are imported after the paths are checked
 
 EXAMPLE = (
     "example (the tiny model on the synthetic data, a few steps on CPU):\n"
@@ -31,6 +30,8 @@ OPTION_HELP = {
 
 def recipe_listing() -> str:
     """The shipped recipes, one a line, with what each trains."""
+    from .recipe import load_recipe, recipe_names
+
     lines = ["recipes:"]
     for name in recipe_names():
         recipe = load_recipe(name)
