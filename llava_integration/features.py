@@ -1,14 +1,20 @@
-"""Visual features of LLaVA-OneVision for the manager: the selected vision layers, projected and packed like HF packs
-the main feature, so that row i of the result belongs to the i-th visual token the language model receives.
+"""Visual features for the manager: the selected vision layers, projected and packed like HF packs the main feature
+(images) or pooled like HF pools it (video frames), so that row i of the result belongs to the i-th visual token
+the language model receives.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-SQUARE = "square"
+from .image_modes import SQUARE
+
+# (per-image features `(crops, T, C)`, image sizes, newline `(C,)`) -> (per-image packed `(tokens, C)`, lengths)
+Packing = Callable[[list, torch.Tensor, torch.Tensor], tuple[list, torch.Tensor]]
 
 
 def patches_per_image(
@@ -38,104 +44,60 @@ def base_views(pixel_values: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
 
 
-def project_layers(
-    model: nn.Module, hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str
+def stack_layers(
+    hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str
 ) -> torch.Tensor:
-    """Stack the selected vision hidden states and run them through the model's own projector in one call.
+    """The selected vision hidden states as `(num_crops, tokens_per_crop, N, C)`, the CLS token dropped by "default".
 
-    Returns `(num_crops, tokens_per_crop, N, D)`; the layer axis sits before the channels so that folding it into
-    the channels (for packing) is a free view.
+    The layer axis sits before the channels so that folding it into the channels (for packing) is a free view.
     """
-    stacked = torch.stack(_selected(hidden_states, layers), dim=2)
-    if select_strategy == "default":
-        stacked = stacked[:, 1:]
-    return model.multi_modal_projector(stacked)
-
-
-def project_rows(
-    model: nn.Module,
-    hidden_states: tuple[torch.Tensor | None, ...],
-    layers: list[int],
-    select_strategy: str,
-    rows: torch.Tensor | None,
-    layer_embedding: torch.Tensor,
-) -> torch.Tensor:
-    """`(R, N, D)` features (projected, plus each layer's embedding) of the crop tokens at host indices `rows` into
-    `(num_crops * tokens_per_crop)`, -1 for a newline token (the model's `image_newline`); None: every crop token.
-
-    The projector acts on each token alone, so selecting tokens before projecting equals packing after it: only the
-    tokens the manager serves are projected, one layer at a time (no stacked copy of every vision layer).
-    """
-    selected = _selected(hidden_states, layers)
-    crops, length, channels = selected[0].shape
-    skip = 1 if select_strategy == "default" else 0  # the CLS token
-    device = selected[0].device
-    if rows is None:
-        rows = torch.arange(crops * (length - skip))
-    kept = (rows >= 0).nonzero().squeeze(1)  # host tensors: no device sync
-    newlines = (rows < 0).nonzero().squeeze(1)
-    crop_rows = rows[kept]
-    index = (crop_rows // (length - skip) * length + crop_rows % (length - skip) + skip).to(device, non_blocking=True)
-    every_row = newlines.numel() == 0
-    kept = kept.to(device, non_blocking=True)
-    experts = None
-    for n, hidden in enumerate(selected):
-        # One layer at a time, written into the result: no stacked copy of the layers, no per-layer list alive.
-        projected = (
-            model.multi_modal_projector(hidden.reshape(-1, channels).index_select(0, index)) + layer_embedding[n]
-        )
-        if experts is None:
-            experts = projected.new_empty((rows.numel(), len(selected), projected.shape[-1]))
-        if every_row:
-            experts[:, n] = projected
-        else:
-            experts[kept, n] = projected
-    if not every_row:
-        experts[newlines.to(device, non_blocking=True)] = model.image_newline.to(experts.dtype)
-    return experts
-
-
-def _selected(hidden_states: tuple[torch.Tensor | None, ...], layers: list[int]) -> list[torch.Tensor]:
     missing = [layer for layer in layers if hidden_states[layer] is None]
     if missing:
         raise RuntimeError(f"the vision tower did not return hidden states {missing}")
-    return [hidden_states[layer] for layer in layers]
+    stacked = torch.stack([hidden_states[layer] for layer in layers], dim=2)
+    if select_strategy == "default":
+        stacked = stacked[:, 1:]
+    return stacked
 
 
-def base_view_rows(crops: list[int], tokens: int) -> torch.Tensor:
-    """Host indices into `(num_crops * tokens)` of each image's base-view tokens (its first crop), image by image."""
-    starts = torch.cumsum(torch.tensor([0, *crops[:-1]], dtype=torch.long), 0)
-    return (starts[:, None] * tokens + torch.arange(tokens)).reshape(-1)
+def project_layers(
+    projector: nn.Module, hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str
+) -> torch.Tensor:
+    """The selected vision hidden states through the model's own projector in one call: `(num_crops, T, N, D)`."""
+    return projector(stack_layers(hidden_states, layers, select_strategy))
 
 
 def pack_like_main_feature(
-    model: nn.Module,
-    experts: torch.Tensor,
-    image_sizes: torch.Tensor,
-    crops: list[int],
-    vision_aspect_ratio: str,
+    model: nn.Module, experts: torch.Tensor, image_sizes: torch.Tensor, crops: list[int], pack: Packing | None
 ) -> tuple[torch.Tensor, list[int]]:
-    """Pack `(num_crops, T, N, D)` per-layer features exactly as HF packs the main feature.
+    """Pack `(num_crops, T, N, D)` per-layer features exactly as HF packs the main feature with `pack`.
 
     HF's `pack_image_features` stitches crops, unpads, bilinearly downsamples (anyres_max) and appends newline
     tokens. All of these act on each channel alone, so the N layers fold into the channel axis and go through that
-    same public method; every layer's newline token is the model's `image_newline`. Returns `(num_visual_tokens, N, D)` and the tokens per image. Used when some
-    image is downsampled; otherwise packing only selects tokens, and `project_rows` selects them before projecting.
+    same public method; every layer's newline token is the model's `image_newline`. Without `pack` (LLaVA-1.5,
+    square images) each crop's tokens are the image's, with no newline token. Returns `(num_visual_tokens, N, D)`
+    and the tokens per image.
     """
     num_crops, tokens, layers, hidden = experts.shape
+    if pack is None:
+        return experts.reshape(num_crops * tokens, layers, hidden), [tokens] * num_crops
+    rows, lengths = packed_rows(image_sizes, crops, tokens, pack)
+    if rows is not None:
+        # Packing only selected and reordered tokens: one gather of the N-layer features instead of HF's four
+        # copies of them (stitch, newline, base view, images), then the newline rows.
+        newlines = (rows < 0).nonzero().squeeze(1)  # host tensors: no device sync
+        flat = experts.reshape(num_crops * tokens, layers, hidden)
+        packed = flat.index_select(0, rows.clamp(min=0).to(experts.device, non_blocking=True))
+        packed[newlines.to(experts.device, non_blocking=True)] = model.image_newline.to(packed.dtype)
+        return packed, lengths
     folded = experts.reshape(num_crops, tokens, layers * hidden)
     newline = model.image_newline.to(experts.dtype).repeat(layers)
-    packed, lengths = model.pack_image_features(
-        list(torch.split(folded, crops, dim=0)),
-        image_sizes,
-        image_newline=newline,
-        vision_aspect_ratio=vision_aspect_ratio,
-    )
+    packed, lengths = pack(list(torch.split(folded, crops, dim=0)), image_sizes, newline)
     return torch.cat(packed, dim=0).view(-1, layers, hidden), lengths.tolist()
 
 
 def packed_rows(
-    model: nn.Module, image_sizes: torch.Tensor, crops: list[int], tokens: int, vision_aspect_ratio: str
+    image_sizes: torch.Tensor, crops: list[int], tokens: int, pack: Packing
 ) -> tuple[torch.Tensor | None, list[int]]:
     """Which crop token (row of `(num_crops * T)`) HF's packing puts at each visual token, -1 for a newline token.
 
@@ -145,23 +107,41 @@ def packed_rows(
     """
     index = torch.arange(sum(crops) * tokens, dtype=torch.float64)
     probe = torch.stack((index, index * index), dim=-1).view(sum(crops), tokens, 2)
-    packed, lengths = model.pack_image_features(
-        list(torch.split(probe, crops, dim=0)),
-        image_sizes.cpu(),
-        image_newline=torch.tensor([-1.0, 1.0], dtype=torch.float64),
-        vision_aspect_ratio=vision_aspect_ratio,
+    packed, lengths = pack(
+        list(torch.split(probe, crops, dim=0)), image_sizes.cpu(), torch.tensor([-1.0, 1.0], dtype=torch.float64)
     )
     packed = torch.cat(packed, dim=0)
     rows = packed[:, 0] if torch.equal(packed[:, 1], packed[:, 0] ** 2) else None
     return (None if rows is None else rows.long()), lengths.tolist()
 
 
-def grid_selection(lengths: list[int], base_tokens: int, grid_type: str) -> torch.Tensor | None:
-    """Which packed tokens the manager serves, as a host bool tensor: all (None), the base view's (`main`), or the
-    rest (`grid`). Computed from the lengths alone, on the host: no device work, no sync."""
+def video_features(
+    model: nn.Module,
+    frame_features: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    selected: torch.Tensor,
+    num_videos: int,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    newline: bool,
+) -> tuple[torch.Tensor, list[int]]:
+    """Per-layer features of every video token: `(num_video_tokens, N, D)` and the tokens per video.
+
+    `selected` `(videos * frames, T, N, C)` goes through the family's own frame pooling and projection
+    (`frame_features`), gets the layer embedding (`embed`), and each video's frames are laid end to end, closed by
+    the model's `image_newline` in every layer where HF closes the main feature with it (OneVision).
+    """
+    frames = frame_features(model, selected)  # (videos * frames, T', N, D)
+    experts = embed(frames).reshape(num_videos, -1, *frames.shape[2:])  # (videos, frames * T', N, D)
+    if newline:
+        closing = model.image_newline.to(experts.dtype).expand(num_videos, 1, experts.shape[2], -1)
+        experts = torch.cat((experts, closing), dim=1)
+    return experts.reshape(-1, *experts.shape[2:]), [experts.shape[1]] * num_videos
+
+
+def grid_selection(lengths: list[int], base_tokens: int, grid_type: str, device: torch.device) -> torch.Tensor | None:
+    """Which packed tokens the manager serves: all, the base view's (`main`), or the rest (`grid`)."""
     if grid_type == "all":
         return None
-    lengths_t = torch.tensor(lengths, dtype=torch.long)
+    lengths_t = torch.tensor(lengths, device=device)
     starts = torch.cumsum(lengths_t, 0) - lengths_t
-    offset = torch.arange(sum(lengths)) - torch.repeat_interleave(starts, lengths_t)
+    offset = torch.arange(int(lengths_t.sum()), device=device) - torch.repeat_interleave(starts, lengths_t)
     return offset < base_tokens if grid_type == "main" else offset >= base_tokens

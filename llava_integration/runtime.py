@@ -1,23 +1,27 @@
-"""The hooks that run a manager inside an HF `LlavaOnevisionModel`, installed and removed as one unit.
+"""The hooks that run a manager inside an HF LLaVA-family model, installed and removed as one unit.
 
-One forward of the patched model:
-1. a pre-hook on the model opens a `_ForwardState` when the call carries images (prefill only: decode steps of
-   `generate` carry none, so the KV-cache path is untouched);
-2. the wrapped `get_image_features` asks the vision tower for the main layer *and* the manager's layers in the same
-   pass, and projects (with the model's projector, plus the layer embedding) the managed tokens only, in the order
-   HF packs the main feature (`features.py`); static managers turn them into each injection layer's delta at once;
-3. the wrapped `get_placeholder_mask` records the exact mask HF scatters the visual tokens into;
+One runtime serves every family in `families.py`; the family entry says where the seams are. One forward of the
+patched model:
+1. a pre-hook on the model opens a `_ForwardState` when the call carries images or videos (prefill only: decode
+   steps of `generate` carry none, so the KV-cache path is untouched);
+2. the wrapped `get_image_features` (and `get_video_features`) asks the vision tower for the main layer *and* the
+   manager's layers in the same pass, projects the manager's layers with the model's projector, adds the layer
+   embedding and packs (images) or pools (video frames) them like the main feature (`features.py`); static managers
+   turn them into each injection layer's delta at once;
+3. the wrapped `get_placeholder_mask` records the exact masks HF scatters the visual tokens into;
 4. a pre-hook on each injection decoder layer adds the manager's output at those positions, for the whole batch at
    once; each delta is freed once added, and the features after the last injection layer;
 5. a post-hook on the model drops the state, also when the forward raised.
 
-The same runtime also serves square images (no grid): each image is its base view, `T` tokens, no newline token.
-When `generate` encodes the images before its prefill, the runtime keeps the features (`_Encoding`) and HF carries
-row ids into them, until the prefill (whole, or chunk by chunk) has read every row.
+The same runtime also serves LLaVA-OneVision's square images (no grid): each image is its base view, `T` tokens, no
+newline token. When `generate` encodes the images (videos) before its prefill, the runtime keeps the features
+(`_Encoding`, one per modality) and HF carries row ids into them, until the prefill (whole, or chunk by chunk) has
+read every row.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,53 +31,56 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from manager_plugin import LayerManagers
 
+from .families import ModelFamily
 from .features import (
     SQUARE,
-    base_view_rows,
     base_views,
     grid_selection,
     pack_like_main_feature,
-    packed_rows,
-    patches_per_image,
     project_layers,
-    project_rows,
+    stack_layers,
+    video_features,
 )
 
 QUERY_MASK_KWARG = "manager_query_mask"
+MODALITY_INPUTS = {"image": "pixel_values", "video": "pixel_values_videos"}
+# Arguments of `get_image_features` that only some families take; passed on only to those that do.
+_IMAGE_EXTRAS = ("image_sizes", "vision_aspect_ratio", "batch_num_images")
+
+
 # `generate` carries, per visual token, a row id into the encoding's features: (encoding serial << 32) | row, so that
-# a stale encoding is recognised instead of read as another one's rows; UNMANAGED marks tokens the manager skips.
+# a stale encoding is recognised instead of read as another one's rows.
 _SERIAL_SHIFT = 32
 _ROW_MASK = (1 << _SERIAL_SHIFT) - 1
-_UNMANAGED = _ROW_MASK
 
 
 @dataclass
 class ImageFeaturesWithManager(BaseModelOutputWithPooling):
-    """`get_image_features`' output plus, for `generate`, where each visual token's manager features are.
+    """`get_image_features`' (or `get_video_features`') output plus, for `generate`, where each visual token's manager
+    features are.
 
-    HF generation encodes images before the prefill forward and then expands (beam search) and slices (chunked
-    prefill) `deepstack_features`, token-aligned with `pooler_output`. The manager rides along under that name: one
-    entry holding, per image, a `(tokens, 1)` int64 tensor of row ids into the features the runtime keeps (never a
-    copy of the features), released once the prefill has consumed every row.
+    HF generation encodes images and videos before the prefill forward and then expands (beam search) and slices
+    (chunked prefill) `deepstack_features`, token-aligned with `pooler_output`. The manager rides along under that
+    name: one entry holding, per image (video), a `(tokens, 1)` int64 tensor of row ids into the features the runtime
+    keeps (never a copy of the features), released once the prefill has consumed every row.
     """
 
     deepstack_features: list[list[torch.Tensor]] | None = None
 
 
-# Per managed token: the N layers' features `(M, N, D)` (adaptive managers, which read the stream), or what each
-# injection layer adds `{layer: (M, D)}` (static managers: 6 rows of D instead of 13, each freed once added).
+# Per visual token: the N layers' features `(V, N, D)` (adaptive managers, which read the stream), or what each
+# injection layer adds `{layer: (V, D)}` (static managers: 6 rows of D instead of 13, each freed once added).
 _Features = torch.Tensor | dict[int, torch.Tensor]
 
 
 @dataclass
 class _Encoding:
-    """Manager features encoded outside a forward (by `generate`), waiting for the prefill forward(s) to read them."""
+    """Manager features of one modality encoded outside a forward (by `generate`), waiting for the prefill."""
 
     serial: int
-    features: _Features  # of the managed tokens only
+    features: _Features
     output: ImageFeaturesWithManager
     row_ids: list[torch.Tensor]  # the list handed out in `output.deepstack_features`
-    managed: torch.Tensor | None  # (V,) bool over the visual tokens; None: all managed
     consumed: int = 0
 
     def total_rows(self) -> int:
@@ -87,58 +94,48 @@ class _ForwardState:
     pending_layers: set[int]
     query_mask: torch.Tensor | None = None  # (B, L): this forward's columns of the query mask
     query_outside: torch.Tensor | None = None  # (B,): the sample's query tokens reach outside this forward
-    experts: torch.Tensor | None = None  # (M, N, D): managed tokens' features, for adaptive managers
-    deltas: dict[int, torch.Tensor] | None = None  # static managers: injection layer -> (M, D), popped when added
-    rows: torch.Tensor | None = None  # (V,) row of the features per visual token, -1 if unmanaged; None: identity
-    managed: torch.Tensor | None = None  # (V,) bool: None when every visual token is managed (and rows is None)
-    all_images: bool = True  # this forward holds every visual token of its batch (no chunked prefill split them)
-    image_mask: torch.Tensor | None = None  # (B, T)
-    positions: torch.Tensor | None = None  # (M',) flat indices into B * T of the managed tokens
-    gather: torch.Tensor | None = None  # (M',) rows of the features for `positions`; None: they are aligned
+    features: dict[str, _Features] = field(default_factory=dict)  # modality -> features in placeholder order
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (V_m,) rows read by id (not identity)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (B, T) placeholder mask
+    all_visual: bool = True  # this forward holds every visual token of its batch (no chunked prefill split them)
+    positions: torch.Tensor | None = None  # (V,) flat indices into B * T, in sequence order
+    order: torch.Tensor | None = None  # (V,) sequence order of the modalities' concatenated rows; None: one modality
+    experts: torch.Tensor | None = None  # adaptive managers: (V, N, D) aligned with `positions`
     adaptive: dict = field(default_factory=dict)  # adaptive managers: per-forward query layout
-
-    def set_features(self, features: _Features) -> None:
-        if isinstance(features, dict):
-            self.deltas = features
-        else:
-            self.experts = features
-
-    def has_features(self) -> bool:
-        return self.experts is not None or bool(self.deltas)
-
-    def feature_rows(self) -> int:
-        return self.experts.shape[0] if self.experts is not None else next(iter(self.deltas.values())).shape[0]
-
-
-def _on(mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if mask is None else mask.to(device, non_blocking=True)
 
 
 class ManagerRuntime:
-    """Owns every hook and wrapper put on one `LlavaOnevisionModel`; `uninstall` restores it exactly."""
+    """Owns every hook and wrapper put on one inner LLaVA-family model; `uninstall` restores it exactly."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, family: ModelFamily) -> None:
         self.model = model
+        self.family = family
         self.managers: LayerManagers | None = None
         self.prompt_query_mask: torch.Tensor | None = None  # set by `query.prompt_query`, for generate's prefill
         self._state: _ForwardState | None = None
-        self._encoding: _Encoding | None = None  # the latest encoding made outside a forward, until consumed
+        self._encodings: dict[str, _Encoding] = {}  # modality -> the latest encoding made outside a forward
         self._serial = 0
         self._model_handles: list = []
         self._layer_handles: list = []
         self._replaced: dict[str, object] = {}
         self._original = {}
+        self._image_extras: list[str] = []  # the `_IMAGE_EXTRAS` the wrapped get_image_features takes
 
     # -- installation --------------------------------------------------------------------------------------------
     def install(self) -> None:
         model = self.model
-        for name, wrapper in (
+        wrappers = [
             ("get_image_features", self.get_image_features),
             ("get_placeholder_mask", self.get_placeholder_mask),
-        ):
+        ]
+        if self.family.videos:
+            wrappers.append(("get_video_features", self.get_video_features))
+        for name, wrapper in wrappers:
             self._replaced[name] = model.__dict__.get(name)  # an instance attribute someone set before us, if any
             self._original[name] = getattr(model, name)
             setattr(model, name, wrapper)
+        accepted = inspect.signature(self._original["get_image_features"]).parameters
+        self._image_extras = [name for name in _IMAGE_EXTRAS if name in accepted]
         self._model_handles = [
             model.register_forward_pre_hook(self._begin, with_kwargs=True),
             model.register_forward_hook(self._end, always_call=True),
@@ -159,7 +156,7 @@ class ManagerRuntime:
 
     def attach_managers(self, managers: LayerManagers) -> None:
         self.managers = managers
-        layers = self.model.language_model.layers
+        layers = self.family.part(self.model, "decoder_layers")
         self._layer_handles = [
             layers[index].register_forward_pre_hook(partial(self._inject, index), with_kwargs=True)
             for index in managers.config.injection_layers
@@ -171,7 +168,7 @@ class ManagerRuntime:
         self._layer_handles = []
         self.managers = None
         self._state = None
-        self._encoding = None
+        self._encodings = {}
 
     # -- one forward ---------------------------------------------------------------------------------------------
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -179,49 +176,51 @@ class ManagerRuntime:
         self._state = None
         if self.managers is None:
             return args, kwargs
-        pending = set(self.managers.config.injection_layers)
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if encoded is not None:  # generate() encoded the images before this prefill forward (or one chunk of it)
-            state = self._state_from_encoding(encoded, pending)
-        elif kwargs.get("pixel_values", args[1] if len(args) > 1 else None) is not None:
-            state = _ForwardState(pending)
-        else:  # no images: a decode step, a text-only forward or a chunk of the prompt before the images
+        state = _ForwardState(set(self.managers.config.injection_layers))
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        raw = {"image": kwargs.get("pixel_values", args[1] if len(args) > 1 else None)}
+        raw["video"] = kwargs.get("pixel_values_videos")
+        opened = False
+        for modality in self.managed_modalities():
+            if encoded.get(modality) is not None:  # generate() encoded them before this prefill forward (or chunk)
+                opened = self._read_encoding(state, modality, encoded[modality]) or opened
+            opened = opened or raw[modality] is not None
+        if not opened:  # a decode step, a text-only forward or a chunk of the prompt without visual tokens
             return args, kwargs
         if self.managers.reads_query:
             self._window_query_mask(state, query_mask, args, kwargs)
         self._state = state
         return args, kwargs
 
-    def _state_from_encoding(self, encoded, pending: set[int]) -> _ForwardState:
-        """The state of a prefill forward reading features encoded earlier: their rows, never a copy of them."""
+    def _read_encoding(self, state: _ForwardState, modality: str, encoded) -> bool:
+        """Give `state` the rows of the features encoded earlier that this forward reads, never a copy of them."""
         carried = getattr(encoded, "deepstack_features", None)
-        encoding = self._encoding
         if carried is None:
             raise ValueError(
-                "precomputed mm_encoder_outputs['image'] lack the manager's features: compute them with this "
-                "patched model's get_image_features, or pass pixel_values"
+                f"precomputed mm_encoder_outputs[{modality!r}] lack the manager's features: compute them with this "
+                f"patched model's get_{modality}_features, or pass {MODALITY_INPUTS[modality]}"
             )
-        ids = carried[0][0] if len(carried[0]) == 1 else torch.cat(carried[0])
-        ids = ids.view(-1)
+        if not carried[0]:
+            return False
+        ids = (carried[0][0] if len(carried[0]) == 1 else torch.cat(carried[0])).view(-1)
+        encoding = self._encodings.get(modality)
         if encoding is None or bool(((ids >> _SERIAL_SHIFT) != encoding.serial).any()):
             raise ValueError(
-                "precomputed mm_encoder_outputs['image'] were already consumed by an earlier forward (the manager "
-                "frees its features after the prefill) or come from another encoding: call get_image_features again"
+                f"precomputed mm_encoder_outputs[{modality!r}] were already consumed by an earlier forward (the "
+                "manager frees its features after the prefill) or come from another encoding: call "
+                f"get_{modality}_features again"
             )
-        rows = ids & _ROW_MASK
         total = encoding.total_rows()
-        state = _ForwardState(pending, all_images=ids.numel() == total)
-        state.set_features(dict(encoding.features) if isinstance(encoding.features, dict) else encoding.features)
+        state.all_visual = state.all_visual and ids.numel() == total
+        features = encoding.features
+        state.features[modality] = dict(features) if isinstance(features, dict) else features
         if carried[0] is not encoding.row_ids:  # expanded for beams or sliced for a chunk: not the identity
-            state.managed = rows != _UNMANAGED
-            state.rows = rows
-        else:
-            state.managed = encoding.managed
+            state.rows[modality] = ids & _ROW_MASK
         encoding.consumed += ids.numel()
         if encoding.consumed >= total:  # the prefill has read every row: generate's kwargs no longer pin them
             encoding.output.deepstack_features = None
-            self._encoding = None
-        return state
+            del self._encodings[modality]
+        return True
 
     def _window_query_mask(self, state: _ForwardState, query_mask: torch.Tensor | None, args: tuple, kwargs: dict):
         """This forward's columns of the query mask, which may cover the whole prompt of a chunked prefill."""
@@ -255,13 +254,26 @@ class ManagerRuntime:
         state.query_mask = window
         state.query_outside = query_mask.sum(dim=1) != window.sum(dim=1)
 
+    def managed_modalities(self) -> list[str]:
+        """The modalities the manager acts on in this family: "image" and/or "video"."""
+        wanted = self.managers.config.modalities
+        image = ["image"] if wanted in ("images", "both") else []
+        video = ["video"] if wanted in ("videos", "both") and self.family.videos else []
+        return image + video
+
     def _end(self, module: nn.Module, args: tuple, output) -> None:
         self._state = None
+
+    def _main_feature(self, layer: int | list[int] | None, strategy: str | None) -> tuple[int | list[int], str]:
+        """The main vision feature layer and select strategy of this call: the arguments, else the config's."""
+        config = self.model.config
+        layer = getattr(config, self.family.feature_layer) if layer is None else layer
+        return layer, strategy or getattr(config, self.family.select_strategy)
 
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         vision_aspect_ratio: str | None = None,
@@ -270,44 +282,84 @@ class ManagerRuntime:
     ):
         """HF's `get_image_features`, plus the manager's layers captured from the same vision pass."""
         config = self.model.config
-        feature_layer = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-        aspect = vision_aspect_ratio or config.vision_aspect_ratio
-        manager_layers = self.managers.config.vision_layers if self.managers is not None else []
+        feature_layer, strategy = self._main_feature(vision_feature_layer, vision_feature_select_strategy)
+        aspect = vision_aspect_ratio or getattr(config, "vision_aspect_ratio", None)
+        managed = self.managers is not None and "image" in self.managed_modalities()
+        manager_layers = self.managers.config.vision_layers if managed else []
         caller_wants_hidden_states = kwargs.get("output_hidden_states") is True
         if manager_layers and not caller_wants_hidden_states:
             kwargs["output_hidden_states"] = [feature_layer, *manager_layers]
 
-        if aspect == SQUARE:
+        if aspect == SQUARE and self.family.square_images:
             outputs = self._square_image_features(pixel_values, feature_layer, strategy, manager_layers, **kwargs)
         else:
+            extras = {"image_sizes": image_sizes, "vision_aspect_ratio": aspect, "batch_num_images": batch_num_images}
             outputs = self._original["get_image_features"](
                 pixel_values,
-                image_sizes,
                 vision_feature_layer=feature_layer,
                 vision_feature_select_strategy=strategy,
-                vision_aspect_ratio=aspect,
-                batch_num_images=batch_num_images,
+                **{name: extras[name] for name in self._image_extras if extras[name] is not None},
                 **kwargs,
             )
         if not manager_layers:
             return outputs
-        lengths = [feature.shape[0] for feature in outputs.pooler_output]  # visual tokens per image
-        experts, managed = self._manager_features(
-            outputs.hidden_states, image_sizes, batch_num_images, strategy, aspect, lengths
+        experts, lengths = self._manager_features(
+            outputs.hidden_states, image_sizes, batch_num_images, strategy, aspect
         )
-        if not caller_wants_hidden_states:  # keep only what HF's own call keeps: the main feature's layer
-            keep = feature_layer % len(outputs.hidden_states)
+        return self._hand_over("image", outputs, experts, lengths, feature_layer, caller_wants_hidden_states)
+
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ):
+        """HF's `get_video_features`, plus the manager's layers of every frame, pooled as HF pools the main feature."""
+        feature_layer, strategy = self._main_feature(vision_feature_layer, vision_feature_select_strategy)
+        managed = self.managers is not None and "video" in self.managed_modalities()
+        manager_layers = self.managers.config.vision_layers if managed else []
+        caller_wants_hidden_states = kwargs.get("output_hidden_states") is True
+        if manager_layers and not caller_wants_hidden_states:
+            kwargs["output_hidden_states"] = [feature_layer, *manager_layers]
+        outputs = self._original["get_video_features"](
+            pixel_values_videos, vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy, **kwargs
+        )
+        if not manager_layers:
+            return outputs
+        selected = stack_layers(outputs.hidden_states, manager_layers, strategy)
+        experts, lengths = video_features(
+            self.model,
+            self.family.video_frames,
+            selected,
+            pixel_values_videos.shape[0],
+            self.managers.layer_embedding,
+            self.family.video_newline,
+        )
+        return self._hand_over("video", outputs, experts, lengths, feature_layer, caller_wants_hidden_states)
+
+    def _hand_over(
+        self,
+        modality: str,
+        outputs,
+        experts: torch.Tensor,
+        lengths: list[int],
+        feature_layer: int | list[int],
+        caller_wants_hidden_states: bool,
+    ) -> ImageFeaturesWithManager:
+        """Inside a forward, give the features to its state; outside (generate), keep them and hand out row ids."""
+        if not caller_wants_hidden_states:  # keep only what HF's own call keeps: the main feature's layer(s)
+            count = len(outputs.hidden_states)
+            keep = {layer % count for layer in (feature_layer if isinstance(feature_layer, list) else [feature_layer])}
             outputs.hidden_states = tuple(
-                hidden if index == keep else None for index, hidden in enumerate(outputs.hidden_states)
+                hidden if index in keep else None for index, hidden in enumerate(outputs.hidden_states)
             )
         features = self._prepare(experts)
         del experts  # static managers: only their deltas stay alive
         if self._state is not None:  # inside a forward: the injection hooks read the features directly
-            self._state.set_features(features)
-            self._state.managed = managed
+            self._state.features[modality] = features
             return ImageFeaturesWithManager(**outputs)
-        return self._issue(ImageFeaturesWithManager(**outputs), features, managed, lengths)
+        return self._issue(modality, ImageFeaturesWithManager(**outputs), features, lengths)
 
     def _prepare(self, experts: torch.Tensor) -> _Features:
         """Static managers add what does not depend on the stream: every injection layer's delta, computed now."""
@@ -316,21 +368,16 @@ class ManagerRuntime:
         return {layer: self.managers(layer, experts) for layer in self.managers.config.injection_layers}
 
     def _issue(
-        self, output: ImageFeaturesWithManager, features: _Features, managed: torch.Tensor | None, lengths: list
+        self, modality: str, output: ImageFeaturesWithManager, features: _Features, lengths: list[int]
     ) -> ImageFeaturesWithManager:
         """Hand out row ids of the features for `generate` to expand and slice; the runtime keeps the features."""
         self._serial += 1
         first = features if isinstance(features, torch.Tensor) else next(iter(features.values()))
-        count, device = first.shape[0], first.device
-        if managed is None:
-            rows = torch.arange(count, device=device)
-        else:
-            rows = torch.full(managed.shape, _UNMANAGED, dtype=torch.long, device=device)
-            rows[managed] = torch.arange(count, device=device)
+        rows = torch.arange(first.shape[0], device=first.device)
         ids = (rows | (self._serial << _SERIAL_SHIFT))[:, None]
         row_ids = list(torch.split(ids, lengths))
         output.deepstack_features = [row_ids]
-        self._encoding = _Encoding(self._serial, features, output, row_ids, managed)
+        self._encodings[modality] = _Encoding(self._serial, features, output, row_ids)
         return output
 
     def _square_image_features(
@@ -338,120 +385,133 @@ class ManagerRuntime:
     ):
         kwargs.pop("return_dict", None)
         kwargs.setdefault("output_hidden_states", [feature_layer, *manager_layers])
-        outputs = self.model.vision_tower(base_views(pixel_values), return_dict=True, **kwargs)
+        outputs = self.family.part(self.model, "vision_tower")(base_views(pixel_values), return_dict=True, **kwargs)
         feature = outputs.hidden_states[feature_layer]
         if strategy == "default":
             feature = feature[:, 1:]
-        outputs.pooler_output = list(self.model.multi_modal_projector(feature))
+        outputs.pooler_output = list(self.family.part(self.model, "projector")(feature))
         return outputs
 
     def _manager_features(
         self,
         hidden_states: tuple,
-        image_sizes: torch.Tensor,
+        image_sizes: torch.Tensor | None,
         batch_num_images: torch.Tensor | None,
         strategy: str,
-        aspect: str,
-        lengths: list[int],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`(M, N, D)` features of the managed visual tokens and which visual tokens those are (None: all).
-
-        Only the managed tokens are projected: `grid_type` "main" the base views, "grid" the grid tokens, and none of
-        the tokens unpadding drops. An image downsampled by anyres_max mixes tokens, so there every crop token is
-        projected and packed through HF's own packing, then the managed ones kept.
-        """
+        aspect: str | None,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """`(V, N, D)` features of every image token and the tokens per image; zero at unmanaged tokens."""
         config = self.managers.config
-        crops = patches_per_image(self.model.config, image_sizes, batch_num_images, aspect)
-        tokens = hidden_states[config.vision_layers[0]].shape[1] - (1 if strategy == "default" else 0)
-        managed = grid_selection(lengths, tokens, config.grid_type)
-        if aspect == SQUARE and managed is not None and bool(managed.all()):  # "main" on square images: all
-            managed = None
-        embedding = self.managers.layer_embedding.weight
-        if aspect == SQUARE:
-            rows = None if managed is None else managed.nonzero().squeeze(1)
-        elif config.grid_type == "main":
-            rows = base_view_rows(crops, tokens)
-        else:
-            rows, packed_lengths = packed_rows(self.model, image_sizes, crops, tokens, aspect)
-            if packed_lengths != lengths:
-                raise RuntimeError(f"the manager packs {packed_lengths} tokens per image, HF packed {lengths}")
-            if rows is None:  # some image was downsampled
-                projected = project_layers(self.model, hidden_states, config.vision_layers, strategy)
-                experts, _ = pack_like_main_feature(
-                    self.model, self.managers.layer_embedding(projected), image_sizes, crops, aspect
-                )
-                if managed is not None:
-                    kept = managed.nonzero().squeeze(1)  # host: no device sync
-                    experts = experts.index_select(0, kept.to(experts.device, non_blocking=True))
-                return experts, _on(managed, experts.device)
-            if managed is not None:
-                rows = rows[managed]
-        experts = project_rows(self.model, hidden_states, config.vision_layers, strategy, rows, embedding)
-        return experts, _on(managed, experts.device)
+        projector = self.family.part(self.model, "projector")
+        projected = project_layers(projector, hidden_states, config.vision_layers, strategy)
+        experts = self.managers.layer_embedding(projected)
+        family = self.family
+        crops = family.crops(self.model.config, projected.shape[0], image_sizes, batch_num_images, aspect)
+        pack = None
+        if family.pack is not None and not (aspect == SQUARE and family.square_images):
+            pack = partial(family.pack, self.model, strategy=strategy, image_mode=aspect)
+        experts, lengths = pack_like_main_feature(self.model, experts, image_sizes, crops, pack)
+        managed = grid_selection(lengths, projected.shape[1], config.grid_type, experts.device)
+        if managed is not None:
+            # Zeroed features give an exactly zero delta there, and keep the features token-aligned for generate().
+            experts = experts * managed[:, None, None].to(experts.dtype)
+        return experts, lengths
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
-        """HF's `get_placeholder_mask`; the image mask is kept for the injection hooks."""
-        image_mask, video_mask = self._original["get_placeholder_mask"](
-            input_ids, inputs_embeds=inputs_embeds, image_features=image_features, video_features=video_features
+        """HF's `get_placeholder_mask`; the masks of the features given are kept for the injection hooks."""
+        given = {"image": image_features, "video": video_features}
+        result = self._original["get_placeholder_mask"](
+            input_ids, inputs_embeds=inputs_embeds, **{f"{m}_features": given[m] for m in self.family.placeholder_masks}
         )
-        if image_features is not None and self._state is not None:
-            self._state.image_mask = image_mask[..., 0]
-        return image_mask, video_mask
+        masks = dict(zip(self.family.placeholder_masks, result if isinstance(result, tuple) else (result,)))
+        if self._state is not None:
+            for modality, features in given.items():
+                if features is not None:
+                    self._state.masks[modality] = masks[modality][..., 0]
+        return result
 
     def _inject(self, layer: int, module: nn.Module, args: tuple, kwargs: dict):
         state = self._state
-        if state is None or not state.has_features():
+        if state is None or not state.features:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         positions = self._positions(state, hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        if state.deltas is not None:  # static managers: computed at encoding, freed once added
-            delta = state.deltas.pop(layer)
-            if state.gather is not None:
-                delta = delta.index_select(0, state.gather)
-        elif self.managers.needs_state and layer != 0:
-            delta = self._adaptive_delta(layer, state, flat, positions, hidden.shape[:2])
-        elif state.gather is None:
-            delta = self.managers(layer, state.experts)
-        elif state.gather.numel() >= state.experts.shape[0]:  # beams: every row, some repeated: weigh rows once
-            delta = self.managers(layer, state.experts).index_select(0, state.gather)
-        else:  # a chunk of the prefill: only its rows
-            delta = self.managers(layer, state.experts.index_select(0, state.gather))
+        if self.managers.needs_state:
+            experts = self._experts(state)
+            if layer != 0:
+                delta = self._adaptive_delta(layer, state, experts, flat, positions, hidden.shape[:2])
+            else:
+                delta = self.managers(layer, experts)
+        else:  # static managers: each layer's delta computed at encoding, freed once added
+            delta = self._merged({m: features.pop(layer) for m, features in state.features.items()}, state)
         updated = flat.index_add(0, positions, delta.to(hidden.dtype)).view_as(hidden)
 
         state.pending_layers.discard(layer)
         if not state.pending_layers:  # the last injection layer: free the per-layer features now
-            state.experts = state.deltas = None
-            state.adaptive = {}
+            state.features, state.experts, state.adaptive = {}, None, {}
         if args:
             return (updated, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": updated}
 
+    @staticmethod
+    def _merged(per_modality: dict[str, torch.Tensor], state: _ForwardState) -> torch.Tensor:
+        """The modalities' rows this forward reads (by row id where generate expanded or sliced them), in sequence
+        order."""
+        parts = []
+        for modality, rows in per_modality.items():
+            gather = state.rows.get(modality)
+            parts.append(rows if gather is None else rows.index_select(0, gather.to(rows.device)))
+        merged = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return merged if state.order is None else merged.index_select(0, state.order.to(merged.device))
+
+    def _experts(self, state: _ForwardState) -> torch.Tensor:
+        """Adaptive managers: `(V, N, D)` of this forward's managed tokens, aligned with `state.positions`."""
+        if state.experts is None:
+            state.experts = self._merged(state.features, state)
+        return state.experts
+
     def _positions(self, state: _ForwardState, hidden: torch.Tensor) -> torch.Tensor:
-        """Flat positions of the managed visual tokens (and, for features read by row id, their rows)."""
+        """Flat positions of the managed tokens, in sequence order; the merged features are aligned with them."""
         if state.positions is None:
-            if state.image_mask is None:
-                raise RuntimeError("the manager's features were captured but HF's image placeholder mask was not")
-            positions = state.image_mask.reshape(-1).nonzero().squeeze(1)
-            visual = state.managed.shape[0] if state.managed is not None else state.feature_rows()
-            if positions.numel() != visual:
-                raise RuntimeError(
-                    f"the manager has features of {visual} visual tokens but the sequence holds "
-                    f"{positions.numel()} image placeholder tokens"
-                )
-            if state.managed is not None:
-                if state.rows is not None:
-                    state.gather = state.rows[state.managed].to(hidden.device)
-                positions = positions[state.managed.to(positions.device)]
-            state.positions = positions.to(hidden.device)
+            positions = []
+            for modality, features in state.features.items():
+                if modality not in state.masks:
+                    raise RuntimeError(
+                        f"the manager's {modality} features were captured but HF's {modality} mask was not"
+                    )
+                found = state.masks[modality].reshape(-1).nonzero().squeeze(1)
+                rows = state.rows.get(modality)
+                if rows is None:
+                    first = features if isinstance(features, torch.Tensor) else next(iter(features.values()))
+                    count = first.shape[0]
+                else:
+                    count = rows.numel()
+                if found.numel() != count:
+                    raise RuntimeError(
+                        f"the manager has features of {count} {modality} tokens but the sequence holds "
+                        f"{found.numel()} {modality} placeholder tokens"
+                    )
+                positions.append(found.to(hidden.device))
+            if len(positions) == 1:
+                state.positions = positions[0]
+            else:  # images and videos: one sequence order
+                merged = torch.cat(positions)
+                state.order = torch.argsort(merged)
+                state.positions = merged[state.order]
         return state.positions
 
     def _adaptive_delta(
-        self, layer: int, state: _ForwardState, flat: torch.Tensor, positions: torch.Tensor, batch_seq: torch.Size
+        self,
+        layer: int,
+        state: _ForwardState,
+        experts: torch.Tensor,
+        flat: torch.Tensor,
+        positions: torch.Tensor,
+        batch_seq: torch.Size,
     ) -> torch.Tensor:
         """The adaptive manager on the managed tokens of every sample as one flat row: no padding, no copies of the
         features; each token reads its own sample's query tokens through a per-token query mask."""
-        experts = state.experts if state.gather is None else state.experts.index_select(0, state.gather)
         if not self.managers.reads_query:
             return self.managers(layer, experts[None], state=flat[positions][None])[0]
         if not state.adaptive:
@@ -467,13 +527,20 @@ class ManagerRuntime:
 
     @staticmethod
     def _query_layout(state: _ForwardState, positions: torch.Tensor, batch_size: int, seq_len: int) -> dict:
-        """Flat positions of each sample's query tokens (its instruction, else its visual tokens), and which of them
-        each managed token reads."""
+        """Flat positions of each sample's query tokens (its instruction, else its managed visual tokens), and which
+        of them each managed token reads."""
         device = positions.device
-        visual = state.image_mask.to(device=device, dtype=torch.bool)
+        visual = torch.zeros(batch_size * seq_len, dtype=torch.bool, device=device)
+        visual[positions] = True
+        visual = visual.view(batch_size, seq_len)
         if state.query_mask is None:
             query, fallback = visual, torch.ones(batch_size, dtype=torch.bool, device=device)
         else:
+            if state.query_mask.shape != (batch_size, seq_len):
+                raise ValueError(
+                    f"{QUERY_MASK_KWARG} has shape {tuple(state.query_mask.shape)}: expected (batch, sequence) = "
+                    f"({batch_size}, {seq_len})"
+                )
             has_query = state.query_mask.any(dim=1) | state.query_outside
             query = torch.where(has_query[:, None], state.query_mask, visual)
             fallback = ~has_query
@@ -487,7 +554,7 @@ class ManagerRuntime:
                 "the adaptive manager reads them together: use a prefill_chunk_size that keeps each sample's images "
                 "and instruction in one chunk, or none"
             )
-        if not state.all_images and bool((served & fallback).any()):
+        if not state.all_visual and bool((served & fallback).any()):
             raise ValueError(
                 "chunked prefill split the visual tokens of a sample without query tokens, which an adaptive query "
                 "manager reads all together: pass the instruction as query (query.prompt_query) or use no chunking"

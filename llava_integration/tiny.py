@@ -1,19 +1,23 @@
 """The embedded tiny default: a small random LLaVA-OneVision in HF format, built offline in seconds.
 
-`python -m llava_integration.tiny DIR` writes a directory that `LlavaOnevisionForConditionalGeneration` and
+`llava-manager tiny DIR` (or `python -m llava_integration.tiny DIR`) writes a directory that `LlavaOnevisionForConditionalGeneration` and
 `AutoProcessor` load with `from_pretrained`: a SigLIP tower, a Qwen2 decoder, a byte-level BPE tokenizer trained on
 an embedded corpus, the Qwen ChatML chat template, and an image processor with AnyRes grid pinpoints (1x1 .. 6x6).
+`--family llava` / `llava_next` writes a tiny LLaVA-1.5 / LLaVA-NeXT instead: a CLIP tower (CLS token, `default`
+select strategy, the second-to-last layer), a Llama decoder, the same tokenizer with a `USER: ... ASSISTANT:` chat
+template, and HF's LLaVA / LLaVA-NeXT processor.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from manager_plugin.bpe import train_byte_level_bpe
+from tiny_tokenizers import train_byte_level_bpe
 
 from .chat_template import CHAT_TEMPLATE
 
@@ -63,8 +67,15 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_config(vocab_size: int, image_token_id: int, video_token_id: int):
-    """The tiny `LlavaOnevisionConfig`: SigLIP (6 blocks, width 32) + Qwen2 (6 layers, width 64)."""
+def build_config(
+    vocab_size: int,
+    image_token_id: int,
+    video_token_id: int,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+):
+    """The tiny `LlavaOnevisionConfig`: SigLIP (6 blocks, width 32) + Qwen2 (6 layers, width 64); with the
+    tokenizer's end and padding ids, generation stops at the end of a turn."""
     from transformers import Qwen2Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(
@@ -85,6 +96,9 @@ def build_config(vocab_size: int, image_token_id: int, video_token_id: int):
         num_key_value_heads=2,
         max_position_embeddings=8192,
         tie_word_embeddings=True,
+        bos_token_id=None,  # the ChatML template starts no text with a BOS token
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
     )
     return llava_onevision_config(vision, text, image_token_id, video_token_id, GRID_PINPOINTS)
 
@@ -144,31 +158,118 @@ def build_tiny_model(seed: int = 0):
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     config = build_config(
-        len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("<video>")
+        len(tokenizer),
+        tokenizer.convert_tokens_to_ids("<image>"),
+        tokenizer.convert_tokens_to_ids("<video>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    return model, processor
+    return _stops_at_end_of_turn(LlavaOnevisionForConditionalGeneration(config).eval(), tokenizer), processor
 
 
-def write_tiny(directory: str | Path, seed: int = 0) -> Path:
-    """Write the tiny model and processor to `directory` in HF format; return the directory."""
+def _stops_at_end_of_turn(model, tokenizer):
+    """`model` with the tokenizer's end and padding ids in its generation config, so `generate` stops at a turn's end."""
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# LLaVA-1.5's conversation (Vicuna v1): no system turn, `USER: ` and `ASSISTANT: ` turns, images first in a turn.
+VICUNA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ ' ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_clip_llama_model(family: str, seed: int = 0):
+    """A tiny LLaVA-1.5 (`family` "llava") or LLaVA-NeXT ("llava_next") and its processor, in memory."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
+
+    if family not in ("llava", "llava_next"):
+        raise ValueError(f"unknown tiny family {family!r}: expected 'llava' or 'llava_next'")
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = VICUNA_TEMPLATE
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2, image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )  # fmt: skip
+    common = {
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
+    }
+    sizes = {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
+    normalise = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    reading = {"patch_size": PATCH_SIZE, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    pinpoints = [[IMAGE_SIZE * rows, IMAGE_SIZE * cols] for rows in (1, 2) for cols in (1, 2)]  # up to 2x2 crops
+    if family == "llava":
+        config, model_class = LlavaConfig(**common), LlavaForConditionalGeneration
+        processor = LlavaProcessor(
+            CLIPImageProcessor(**sizes, **normalise), tokenizer, chat_template=VICUNA_TEMPLATE, **reading
+        )
+    else:
+        config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
+        model_class = LlavaNextForConditionalGeneration
+        processor = LlavaNextProcessor(
+            LlavaNextImageProcessor(**sizes, **normalise, image_grid_pinpoints=pinpoints),
+            tokenizer,
+            chat_template=VICUNA_TEMPLATE,
+            **reading,
+        )
+    torch.manual_seed(seed)
+    return _stops_at_end_of_turn(model_class(config).eval(), tokenizer), processor
+
+
+TINY_FAMILIES = ("llava_onevision", "llava", "llava_next")
+
+
+def write_tiny(directory: str | Path, seed: int = 0, family: str = "llava_onevision") -> Path:
+    """Write the tiny model of `family` and its processor to `directory` in HF format; return the directory."""
     directory = Path(directory)
-    model, processor = build_tiny_model(seed)
+    model, processor = build_tiny_model(seed) if family == "llava_onevision" else build_clip_llama_model(family, seed)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m llava_integration.tiny") -> None:
+    """Write the tiny model to the directory the command line names."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="where to write the tiny model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=TINY_FAMILIES, default="llava_onevision")
     args = parser.parse_args(argv)
-    path = write_tiny(args.directory, args.seed)
-    print(f"wrote the tiny LLaVA-OneVision to {path}")
+    path = write_tiny(args.directory, args.seed, args.family)
+    print(f"wrote the tiny {args.family} model to {path}")
 
 
 if __name__ == "__main__":
-    main()
+    from llava_manager.cli import run_main
+
+    sys.exit(run_main(main, prog="python -m llava_integration.tiny"))

@@ -183,14 +183,14 @@ def test_manager_features_are_freed_after_the_prefill(tiny_model, tiny_processor
     issued, alive = [], []
     issue = runtime._issue
 
-    def watched_issue(output, features, managed, lengths):  # static: a delta per layer; adaptive: the N layers
+    def watched_issue(modality, output, features, lengths):  # static: a delta per layer; adaptive: the N layers
         tensors = features.values() if isinstance(features, dict) else [features]
         issued.extend(weakref.ref(tensor) for tensor in tensors)
-        return issue(output, features, managed, lengths)
+        return issue(modality, output, features, lengths)
 
     def at_decode_steps(module, args, kwargs):
         if kwargs.get("mm_encoder_outputs") is None and kwargs.get("pixel_values") is None:
-            alive.append(any(ref() is not None for ref in issued) or runtime._encoding is not None)
+            alive.append(any(ref() is not None for ref in issued) or bool(runtime._encodings))
 
     runtime._issue = watched_issue
     handle = tiny_model.model.register_forward_pre_hook(at_decode_steps, with_kwargs=True)

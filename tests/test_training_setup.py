@@ -85,7 +85,7 @@ def test_lora_leaves_the_base_llm_frozen_and_trains_manager_and_projector_in_ful
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     processor = AutoProcessor.from_pretrained(tiny_dir)
-    configure_processor(processor, recipe)
+    configure_processor(processor, recipe, recipe.image_aspect_ratio)
     text = "<image>What colour is the shape? red"
     batch = prepare_inputs(processor, [text], [[random_image(40, 80)]], recipe.image_aspect_ratio)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -143,7 +143,7 @@ def test_anyres_pinpoints_follow_the_recipe_in_tower_units(tiny_dir):
     model = load_model(tiny_dir, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(tiny_dir)
     configure_images(model, recipe)
-    configure_processor(processor, recipe)
+    configure_processor(processor, recipe, recipe.image_aspect_ratio)
     expected = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
     assert model.config.image_grid_pinpoints == expected == processor.image_processor.image_grid_pinpoints
     assert model.config.vision_aspect_ratio == "anyres_max_9"
@@ -191,7 +191,10 @@ def test_replace_and_publish_never_show_a_partial_directory(tmp_path, monkeypatc
 
 
 def test_arguments_come_from_the_recipe_then_the_command_line(tmp_path):
-    base = {"recipe": "stage2_manager", "model_name_or_path": "m", "data_path": "d", "output_dir": str(tmp_path)}
+    (tmp_path / "m").mkdir()  # the model and data paths must exist (checked before anything loads)
+    (tmp_path / "d.json").write_text("[]")
+    base = {"recipe": "stage2_manager", "model_name_or_path": str(tmp_path / "m"), "data_path": str(tmp_path / "d.json")}
+    base["output_dir"] = str(tmp_path / "out")
     setup = resolve_stage({**base, "global_batch_size": 8, "per_device_train_batch_size": 2})
     training = setup.training
     assert training.gradient_accumulation_steps == 4  # 8 = 2 per device x 1 process x 4
