@@ -246,6 +246,60 @@ def test_greedy_generate_equals_full_forward_passes_without_cache(family, sample
     assert torch.equal(generated, ids)
 
 
+GENERATE = {
+    "max_new_tokens": 3,
+    "min_new_tokens": 3,
+    "do_sample": False,
+    "pad_token_id": PAD,
+    "suppress_tokens": [IMAGE_TOKEN, VIDEO_TOKEN],
+    "return_dict_in_generate": True,
+    "output_logits": True,
+}
+
+
+@pytest.mark.parametrize("manager_type", ["static", "adaptive"])
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_chunked_prefill_with_images_and_videos_gives_one_prefills_output(family, manager_type):
+    """generate reads the manager's image and video features by row id, chunk by chunk (chunks cut through them)."""
+    model = build(family)
+    apply_manager(model, ManagerConfig(manager_type=manager_type))
+    randomise(model)
+    inputs = make_inputs(model, ["ivt", "tv", "t"], "left")
+    assert inputs["input_ids"].shape[1] > 5
+    with torch.no_grad():
+        whole = model.generate(**inputs, **GENERATE)
+        chunked = model.generate(**inputs, **GENERATE, prefill_chunk_size=5)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    for actual, expected in zip(chunked.logits, whole.logits, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("manager_type", ["static", "adaptive"])
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_beam_scores_with_an_image_and_a_video_are_full_forward_log_probabilities(family, manager_type):
+    """Beams expand the row ids of both modalities: each returned beam's score is its full forward's log-probability."""
+    beams = 2
+    model = build(family)
+    apply_manager(model, ManagerConfig(manager_type=manager_type))
+    randomise(model)
+    inputs = make_inputs(model, ["ivt"], "left")
+    with torch.no_grad():
+        output = model.generate(
+            **inputs, **GENERATE, num_beams=beams, num_return_sequences=beams, length_penalty=1.0, output_scores=True
+        )
+    sequences, prompt = output.sequences, inputs["input_ids"].shape[1]
+    mask = torch.cat([inputs["attention_mask"].repeat(beams, 1), torch.ones_like(sequences[:, prompt:])], 1)
+    media = {  # one image and one video per sequence
+        key: torch.cat([value] * beams) for key, value in inputs.items() if key not in ("input_ids", "attention_mask")
+    }
+    with torch.no_grad():
+        full = model(input_ids=sequences, attention_mask=mask, use_cache=False, **media).logits
+    log_probs = torch.log_softmax(full[:, prompt - 1 : -1].double(), dim=-1)
+    generated = log_probs.gather(-1, sequences[:, prompt:, None]).squeeze(-1).sum(-1)
+    expected = generated / GENERATE["max_new_tokens"]  # HF's score: sum / length ** length_penalty
+    torch.testing.assert_close(output.sequences_scores.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def reference_image_features(model, inputs, layers):
     """Per vision layer n: projector(hidden_state_n) + e_n, packed layer by layer as HF packs the main feature."""
     inner, config = model.model, model.config
