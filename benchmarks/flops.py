@@ -26,6 +26,9 @@ class Workload:
     seq_len: int  # padded length of every sample
     crops: int  # crops of all images of the batch (base views included)
     visual_tokens: int  # image placeholder tokens in the whole batch
+    # Crop tokens the manager projects (grid_type "all"): those packing keeps, newline tokens not included; every
+    # crop token when some image is downsampled (packing then mixes tokens after the projector). None: every one.
+    manager_tokens: int | None = None
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -75,9 +78,10 @@ def forward_flops(
     if manager is not None:
         layers = len(manager.vision_layers)
         experts = sum(manager.num_experts(layer) for layer in manager.injection_layers)
-        flops["manager_projector"] = layers * flops["projector"]
+        manager_rows = projected_rows if work.manager_tokens is None else work.manager_tokens
+        flops["manager_projector"] = layers * manager_rows * projector_flops_per_token(config)
         flops["manager_elementwise"] = (
-            projected_rows * layers * d  # layer embedding
+            manager_rows * layers * d  # layer embedding
             + work.visual_tokens * 2 * experts * d  # weighted sums of every injection layer
             + work.visual_tokens * len(manager.injection_layers) * d  # adds into the stream
         )

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature, LlavaOnevisionConfig, LlavaOnevisionProcessor
 
 from llava_integration import prepare_inputs
-from llava_integration.features import patches_per_image
+from llava_integration.families import onevision_pack
+from llava_integration.features import SQUARE, packed_rows, patches_per_image
 
-from .flops import Workload
+from .flops import Workload, crop_tokens
 
 # Words the benchmark tokenizer holds as single tokens; the question is these, repeated to the asked length.
 _WORDS = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "left", "right", "top", "bottom"]
@@ -51,13 +54,20 @@ def training_labels(batch: BatchFeature, config: LlavaOnevisionConfig) -> torch.
     return labels
 
 
-def workload(batch: BatchFeature, config: LlavaOnevisionConfig, aspect: str) -> Workload:
-    """The crops and tokens `batch` asks of a model with `config` in `aspect` mode."""
+def workload(batch: BatchFeature, config: LlavaOnevisionConfig, aspect: str, model: torch.nn.Module) -> Workload:
+    """The crops and tokens `batch` asks of `model` (a LLaVA-OneVision with `config`) in `aspect` mode."""
     input_ids = batch["input_ids"]
     crops = patches_per_image(config, batch["image_sizes"], batch.get("batch_num_images"), aspect)
+    tokens = crop_tokens(config)
+    manager_tokens = sum(crops) * tokens
+    if aspect != SQUARE:
+        pack = partial(onevision_pack, model.model, strategy=config.vision_feature_select_strategy, image_mode=aspect)
+        rows, _ = packed_rows(batch["image_sizes"], crops, tokens, pack)
+        manager_tokens = manager_tokens if rows is None else int((rows >= 0).sum())
     return Workload(
         batch_size=input_ids.shape[0],
         seq_len=input_ids.shape[1],
         crops=sum(crops),
         visual_tokens=int((input_ids == config.image_token_id).sum()),
+        manager_tokens=manager_tokens,
     )

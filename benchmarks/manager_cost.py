@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     batches, labels, workloads = {}, {}, {}
     for aspect in {variant.aspect for variant in variants}:
         batch = make_batch(processor, aspect, batch_size, image_size, text_tokens, seed=args.seed)
-        workloads[aspect] = workload(batch, config, aspect)
+        workloads[aspect] = workload(batch, config, aspect, base)
         labels[aspect] = training_labels(batch, config)
         if device.type != "meta":
             batch = batch.to(device)

@@ -51,13 +51,16 @@ def stack_layers(
 
     The layer axis sits before the channels so that folding it into the channels (for packing) is a free view.
     """
+    return torch.stack(_selected(hidden_states, layers, select_strategy), dim=2)
+
+
+def _selected(hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str) -> list:
+    """Each selected layer's `(num_crops, T, C)` hidden states, the CLS token dropped by "default"."""
     missing = [layer for layer in layers if hidden_states[layer] is None]
     if missing:
         raise RuntimeError(f"the vision tower did not return hidden states {missing}")
-    stacked = torch.stack([hidden_states[layer] for layer in layers], dim=2)
-    if select_strategy == "default":
-        stacked = stacked[:, 1:]
-    return stacked
+    first = 1 if select_strategy == "default" else 0
+    return [hidden_states[layer][:, first:] for layer in layers]
 
 
 def project_layers(
@@ -65,6 +68,25 @@ def project_layers(
 ) -> torch.Tensor:
     """The selected vision hidden states through the model's own projector in one call: `(num_crops, T, N, D)`."""
     return projector(stack_layers(hidden_states, layers, select_strategy))
+
+
+def project_rows(
+    projector: nn.Module,
+    hidden_states: tuple[torch.Tensor | None, ...],
+    layers: list[int],
+    select_strategy: str,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """The crop tokens `rows` (of `(num_crops * T)`) of the selected layers through the projector, one layer at a time
+    (the projector acts per token, so this equals selecting after projecting): `(len(rows), N, D)`."""
+    selected = None
+    for n, hidden in enumerate(_selected(hidden_states, layers, select_strategy)):
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device, non_blocking=True))
+        projected = projector(flat)
+        if selected is None:
+            selected = projected.new_empty((rows.numel(), len(layers), projected.shape[-1]))
+        selected[:, n] = projected
+    return selected
 
 
 def pack_like_main_feature(

@@ -37,7 +37,9 @@ from .features import (
     base_views,
     grid_selection,
     pack_like_main_feature,
+    packed_rows,
     project_layers,
+    project_rows,
     stack_layers,
     video_features,
 )
@@ -403,19 +405,44 @@ class ManagerRuntime:
         """`(V, N, D)` features of every image token and the tokens per image; zero at unmanaged tokens."""
         config = self.managers.config
         projector = self.family.part(self.model, "projector")
-        projected = project_layers(projector, hidden_states, config.vision_layers, strategy)
-        experts = self.managers.layer_embedding(projected)
         family = self.family
-        crops = family.crops(self.model.config, projected.shape[0], image_sizes, batch_num_images, aspect)
+        first = hidden_states[config.vision_layers[0]]
+        tokens = first.shape[1] - (1 if strategy == "default" else 0)
+        crops = family.crops(self.model.config, first.shape[0], image_sizes, batch_num_images, aspect)
         pack = None
         if family.pack is not None and not (aspect == SQUARE and family.square_images):
             pack = partial(family.pack, self.model, strategy=strategy, image_mode=aspect)
-        experts, lengths = pack_like_main_feature(self.model, experts, image_sizes, crops, pack)
-        managed = grid_selection(lengths, projected.shape[1], config.grid_type, experts.device)
+        if pack is None:  # each crop's tokens are the image's (LLaVA-1.5, square images)
+            rows, lengths = torch.arange(first.shape[0] * tokens), [tokens] * first.shape[0]
+        else:
+            rows, lengths = packed_rows(image_sizes, crops, tokens, pack)
+        if rows is not None:  # packing only selects crop tokens: project those only, one layer at a time
+            experts = self._packed_experts(projector, hidden_states, strategy, rows)
+        else:  # some image downsampled (packing mixes tokens): project every token, then pack
+            projected = project_layers(projector, hidden_states, config.vision_layers, strategy)
+            experts = self.managers.layer_embedding(projected)
+            del projected
+            experts, lengths = pack_like_main_feature(self.model, experts, image_sizes, crops, pack)
+        managed = grid_selection(lengths, tokens, config.grid_type, experts.device)
         if managed is not None:
             # Zeroed features give an exactly zero delta there, and keep the features token-aligned for generate().
             experts = experts * managed[:, None, None].to(experts.dtype)
         return experts, lengths
+
+    def _packed_experts(
+        self, projector: nn.Module, hidden_states: tuple, strategy: str, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """`(V, N, D)` in packed order from the crop tokens packing keeps (`rows`, -1 for a newline token)."""
+        newline = rows < 0  # host tensors: no device sync
+        kept = self.managers.layer_embedding(
+            project_rows(projector, hidden_states, self.managers.config.vision_layers, strategy, rows[~newline])
+        )
+        if not bool(newline.any()):  # LLaVA-1.5 and square images have no newline token (nor image_newline)
+            return kept
+        experts = kept.new_empty((rows.numel(), *kept.shape[1:]))
+        experts[(~newline).to(kept.device, non_blocking=True)] = kept
+        experts[newline.to(kept.device, non_blocking=True)] = self.model.image_newline.to(kept.dtype)
+        return experts
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
         """HF's `get_placeholder_mask`; the masks of the features given are kept for the injection hooks."""

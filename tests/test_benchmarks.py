@@ -74,7 +74,7 @@ def test_analytic_flops_equal_torch_flop_counter(aspect):
     model = set_image_aspect_ratio(apply_manager(copy.deepcopy(base)), aspect)
     set_image_aspect_ratio(base, aspect)
     batch = make_batch(processor, aspect, 2, size.default_image, size.default_text_tokens)
-    work = workload(batch, config, aspect)
+    work = workload(batch, config, aspect, base)
     manager = resolve_manager_config(config, ManagerConfig())
 
     for net, managed in ((base, None), (model, manager)):
