@@ -136,7 +136,6 @@ def _checked_load(cls: type[PreTrainedModel], directory: Path, role: str) -> Pre
 
 def load_vision_tower(directory: Path) -> tuple[SiglipVisionModel, int]:
     """The SigLIP vision model without its last block and pooling head, and the checkpoint's block count."""
-    _model_type(directory, "--vision", VISION_MODEL_TYPES)
     tower = _checked_load(SiglipVisionModel, directory, "SigLIP vision model")
     blocks = len(tower.encoder.layers)
     if blocks < 2:
@@ -150,16 +149,15 @@ def load_vision_tower(directory: Path) -> tuple[SiglipVisionModel, int]:
     return tower, blocks
 
 
-def load_language_model(directory: Path) -> PreTrainedModel:
-    """The causal LM of `directory`, if LlavaOnevision's text config can hold it."""
-    model_type = _model_type(directory, "--llm", LANGUAGE_MODELS)
-    cls = LANGUAGE_MODELS[model_type]
+def language_model_class(directory: Path) -> type[PreTrainedModel]:
+    """The causal LM class of `directory`, if LlavaOnevision's text config can hold it."""
+    cls = LANGUAGE_MODELS[_model_type(directory, "--llm", LANGUAGE_MODELS)]
     architectures = read_json(directory / "config.json").get("architectures") or [cls.__name__]
     if cls.__name__ not in architectures:
         raise ConversionError(
             f"--llm {directory} holds {architectures}: expected a {cls.__name__} (a causal LM with its LM head)"
         )
-    return _checked_load(cls, directory, cls.__name__)
+    return cls
 
 
 def image_processor_settings(directory: Path, image_size: int) -> dict[str, Any]:
@@ -206,10 +204,12 @@ def assemble_model(
     """The assembled model (fp32, eval mode) and processor, in memory; every input is checked first."""
     vision, llm = Path(vision), Path(llm)
     aspect, shapes = check_aspect(image_aspect_ratio), parse_grid(grid)
+    _model_type(vision, "--vision", VISION_MODEL_TYPES)
+    language_model_cls = language_model_class(llm)
     tokenizer = load_tokenizer(llm, hint="the --llm directory must hold the LLM's tokenizer")
     tower, blocks = load_vision_tower(vision)
     settings = image_processor_settings(vision, tower.config.image_size)
-    language_model = load_language_model(llm)
+    language_model = _checked_load(language_model_cls, llm, language_model_cls.__name__)
 
     tokens_before = language_model.get_input_embeddings().num_embeddings
     grow_vocabulary(language_model, len(tokenizer), seed)
