@@ -5,7 +5,9 @@ from the result, and each bad input is refused with nothing written."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -227,3 +229,21 @@ def test_bad_input_is_refused_and_nothing_is_written(unimodal, tmp_path, capsys,
     assert sorted(tmp_path.iterdir()) == before  # no output, no staging directory
     if case == "out_exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_stage0_script_writes_where_the_stage_1_scripts_look(tmp_path):
+    """The scripts' plumbing, with `echo` as the Python that would run: stage0.sh's OUTPUT is stage 1's MODEL."""
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    env = {"PATH": os.environ["PATH"], "PYTHON": "echo", "CHECKPOINTS": str(tmp_path), "VISION": "v", "LLM": "l"}
+
+    def script(name: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+        command = ["bash", str(scripts / name), *args]
+        return subprocess.run(command, env={**env, **extra_env}, capture_output=True, text=True, check=False)
+
+    assert script("stage0.sh", "--grid", "1x2").stdout.split() == [
+        "-m", "llava_integration.assemble", "--vision", "v", "--llm", "l", "--grid", "1x2", str(tmp_path / "stage0")
+    ]  # fmt: skip
+    words = script("stage1.sh", DATA="d").stdout.split()
+    assert words[words.index("--model_name_or_path") + 1] == str(tmp_path / "stage0")
+    missing = script("stage0.sh", LLM="")
+    assert missing.returncode != 0 and "set LLM to a Qwen2 causal LM directory" in missing.stderr
