@@ -14,6 +14,7 @@ takes the SigLIP image processor's settings, the LLM's tokenizer and the Qwen Ch
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ DEFAULT_GRID = "1x1..6x6"  # LLaVA-OneVision's AnyRes candidates: 1 to 6 crops a
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What the assembled processor takes from the SigLIP image processor (the crop size is the tower's input size).
 IMAGE_SETTINGS = ("resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+logger = logging.getLogger(__name__)
 _ANYRES_MAX = re.compile(r"anyres_max_[1-9]\d*")
 _SHAPE = re.compile(r"([1-9]\d*)x([1-9]\d*)")
 
@@ -166,7 +168,7 @@ def image_processor_settings(directory: Path, image_size: int) -> dict[str, Any]
     if (directory / "preprocessor_config.json").is_file():
         processor = AutoImageProcessor.from_pretrained(directory)
     else:
-        print(f"assemble: no preprocessor_config.json in {directory}: using HF's SigLIP image processor defaults")
+        logger.warning("no preprocessor_config.json in %s: using HF's SigLIP image processor defaults", directory)
         processor = SiglipImageProcessor()
     size = getattr(processor, "size", None) or {}
     if "height" in size and (size["height"], size["width"]) != (image_size, image_size):
@@ -180,16 +182,18 @@ def image_processor_settings(directory: Path, image_size: int) -> dict[str, Any]
 def grow_vocabulary(language_model: PreTrainedModel, num_tokens: int, seed: int) -> None:
     """Give every token of the tokenizer an embedding row: HF's mean resizing, only when the rows are too few."""
     if num_tokens > language_model.get_input_embeddings().num_embeddings:
-        torch.manual_seed(seed)
-        language_model.resize_token_embeddings(num_tokens, mean_resizing=True)
+        with torch.random.fork_rng(devices=[]):  # seeded, and the caller's random state left as it was
+            torch.manual_seed(seed)
+            language_model.resize_token_embeddings(num_tokens, mean_resizing=True)
 
 
 def new_projector(vision_hidden: int, text_hidden: int, seed: int) -> tuple[nn.Sequential, torch.Tensor]:
     """A fresh `mlp2x_gelu` projector and `image_newline`, initialised as LLaVA-NeXT's `initialize_vision_modules`:
     PyTorch's default `nn.Linear` init, and the newline drawn from N(0, 1 / hidden_size)."""
-    torch.manual_seed(seed)
-    projector = nn.Sequential(nn.Linear(vision_hidden, text_hidden), nn.GELU(), nn.Linear(text_hidden, text_hidden))
-    newline = torch.randn(text_hidden) / torch.sqrt(torch.tensor(float(text_hidden)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projector = nn.Sequential(nn.Linear(vision_hidden, text_hidden), nn.GELU(), nn.Linear(text_hidden, text_hidden))
+        newline = torch.randn(text_hidden) / torch.sqrt(torch.tensor(float(text_hidden)))
     return projector, newline
 
 

@@ -79,7 +79,7 @@ def test_stage_arguments_chain_outputs_and_layer_the_options(tmp_path):
     assert evaluations["manager"].checkpoint == tmp_path / "stages" / "stage2_manager_nogrid"
 
 
-def test_vision_and_llm_start_with_stage_0_instead_of_model(tmp_path, capsys):
+def test_vision_and_llm_start_with_stage_0_instead_of_model(tmp_path, capsys, one_thread):
     """--vision/--llm: stage 0 assembles them into OUT/stage0, which stage 1 starts from; they pair, and exclude --model."""
     mixtures = {stage: tmp_path / f"{stage}.yaml" for stage in ("stage1", "stage1.5", "stage2")}
     for path in mixtures.values():
@@ -96,6 +96,10 @@ def test_vision_and_llm_start_with_stage_0_instead_of_model(tmp_path, capsys):
     assert stage1.argv[stage1.argv.index("--model_name_or_path") + 1] == str(tmp_path / "out" / "stage0")
     assert run(build_parser().parse_args(["--out", str(tmp_path / "out"), *unimodal, *data, "--dry-run"])) == 0
     assert f"python -m llava_integration.assemble --vision {tmp_path / 'siglip'}" in capsys.readouterr().out
+    # Stage 0 runs first and stops the run on a bad input (here: no such directory), before any training.
+    assert run(build_parser().parse_args(["--out", str(tmp_path / "out"), *unimodal, *data]), FakeLauncher()) == 1
+    assert f"stage 0: --vision {tmp_path / 'siglip'} is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "stage0").exists()
     for bad, message in (
         (unimodal[:2], "--vision and --llm go together"),
         ([*unimodal, "--model", str(tmp_path)], "--model replaces stage 0"),
