@@ -1,8 +1,8 @@
 """Stage 0: an HF LLaVA-OneVision assembled from a SigLIP and a Qwen2 checkpoint, where the paper's stage 1 starts.
 
 python -m llava_integration.assemble --vision VISION_DIR --llm LLM_DIR OUT
-python -m llava_integration.assemble --vision google/siglip-so400m-patch14-384 --llm Qwen/Qwen2-0.5B-Instruct \\
-    --image-aspect-ratio anyres_max_9 --grid 1x1..6x6 ckpt/stage0      # LLaVA-OV-0.5B before stage 1 (local dirs)
+python -m llava_integration.assemble --vision ckpt/siglip-so400m-patch14-384 --llm ckpt/Qwen2-0.5B-Instruct \\
+    --image-aspect-ratio anyres_max_9 --grid 1x1..6x6 ckpt/stage0      # LLaVA-OV-0.5B before stage 1
 
 As LLaVA-OneVision builds its model: the SigLIP vision tower loses its last block and its pooling head (the model
 reads the last remaining block: the full tower's second-to-last hidden state, every patch token); the Qwen2 causal LM
