@@ -14,9 +14,10 @@ takes the SigLIP image processor's settings, the LLM's tokenizer and the Qwen Ch
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from transformers import (
 )
 
 from manager_plugin.io import ConversionError, check_destination, staged_directory
+from manager_plugin.provenance import environment_provenance
 
 from .conversion.checkpoint_io import read_json
 from .conversion.to_hf import MEDIA_TOKENS, build_processor, load_tokenizer
@@ -48,6 +50,7 @@ VISION_MODEL_TYPES = {"siglip": "SiglipModel (text + vision)", "siglip_vision_mo
 LANGUAGE_MODELS: dict[str, type[PreTrainedModel]] = {"qwen2": Qwen2ForCausalLM}
 DEFAULT_ASPECT = "anyres_max_9"
 DEFAULT_GRID = "1x1..6x6"  # LLaVA-OneVision's AnyRes candidates: 1 to 6 crops a side
+PROVENANCE = "provenance.json"  # how the model was made, as every training stage's output records it
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What the assembled processor takes from the SigLIP image processor (the crop size is the tower's input size).
 IMAGE_SETTINGS = ("resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
@@ -292,9 +295,12 @@ def assemble(
         vision, llm, image_aspect_ratio=image_aspect_ratio, grid=grid, seed=seed
     )
     model.to(DTYPES[dtype])
+    inputs = {"vision": str(vision), "llm": str(llm), "image_aspect_ratio": image_aspect_ratio, "grid": grid}
+    provenance = {**environment_provenance(), "stage0": {**inputs, "seed": seed, "dtype": dtype, **asdict(assembly)}}
     with staged_directory(out) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        (staging / PROVENANCE).write_text(json.dumps(provenance, indent=1))
     return out, assembly
 
 

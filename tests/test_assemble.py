@@ -137,6 +137,9 @@ def test_processor_and_config_as_stage_1_expects(unimodal, assembled):
     assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-1, "full")
     assert list(processor.image_processor.image_mean) == MEAN and list(processor.image_processor.image_std) == STD
     assert processor.num_image_tokens == (32 // 8) ** 2
+    made = json.loads((assembled / "provenance.json").read_text())
+    assert made["project"]["name"] == "llava-manager" and made["stage0"]["llm"] == str(unimodal["qwen2_untied"])
+    assert (made["stage0"]["vision_blocks"], made["stage0"]["tokens_after"]) == (7, original + 2)
     assert "<|im_start|>assistant" in processor.apply_chat_template(
         [{"role": "user", "content": "hi"}], add_generation_prompt=True
     )

@@ -6,6 +6,7 @@ point; `python -m training` parses the same arguments from the command line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -17,6 +18,7 @@ from transformers import AutoProcessor, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from llava_integration import manager_of
+from manager_plugin.provenance import environment_provenance
 
 from .arguments import StageSetup, resolve_stage
 from .checkpoint import publish_files, staging_dir
@@ -26,6 +28,7 @@ from .trainer import StageTrainer
 
 logger = logging.getLogger(__name__)
 SKIPPED_RECORDS = "skipped_records.jsonl"
+PROVENANCE = "provenance.json"
 
 
 @dataclass
@@ -57,6 +60,19 @@ def _resume_point(setup: StageSetup) -> str | None:
     if not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint directory")
     return str(resume)
+
+
+def stage_provenance(setup: StageSetup, global_step: int) -> dict[str, Any]:
+    """How a stage's model was made: the environment, the stage's arguments, processes, seed and steps."""
+    args = setup.training
+    return {
+        **environment_provenance(),
+        "stage": dataclasses.asdict(setup.stage),
+        "seed": args.seed,
+        "world_size": args.world_size,
+        "deepspeed": args.deepspeed,  # the config file's path, or None
+        "global_step": global_step,
+    }
 
 
 def run_stage(setup: StageSetup) -> StageResult:
@@ -117,6 +133,7 @@ def run_stage(setup: StageSetup) -> StageResult:
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
     if args.should_save:
+        (staging / PROVENANCE).write_text(json.dumps(stage_provenance(setup, trainer.state.global_step), indent=1))
         publish_files(staging, output_dir)
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
     trainer.accelerator.wait_for_everyone()
