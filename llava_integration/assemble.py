@@ -42,7 +42,7 @@ from manager_plugin.provenance import environment_provenance
 
 from .conversion.checkpoint_io import read_json
 from .conversion.to_hf import MEDIA_TOKENS, build_processor, load_tokenizer
-from .features import SQUARE
+from .image_modes import is_image_mode
 
 # config.json model_type -> what it holds; the vision tower is always read as a SiglipVisionModel.
 VISION_MODEL_TYPES = {"siglip": "SiglipModel (text + vision)", "siglip_vision_model": "SiglipVisionModel"}
@@ -55,7 +55,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # What the assembled processor takes from the SigLIP image processor (the crop size is the tower's input size).
 IMAGE_SETTINGS = ("resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
 logger = logging.getLogger(__name__)
-_ANYRES_MAX = re.compile(r"anyres_max_[1-9]\d*")
 _SHAPE = re.compile(r"([1-9]\d*)x([1-9]\d*)")
 
 
@@ -90,7 +89,7 @@ def parse_grid(spec: str) -> list[tuple[int, int]]:
 
 def check_aspect(aspect: str) -> str:
     """`aspect` if HF LLaVA-OneVision (with our square mode) can run it, else a clear error."""
-    if aspect != SQUARE and not _ANYRES_MAX.fullmatch(aspect):
+    if not is_image_mode(aspect):
         raise ConversionError(f"--image-aspect-ratio {aspect!r}: expected 'square' or 'anyres_max_<N>' (N >= 1)")
     return aspect
 
