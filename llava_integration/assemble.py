@@ -1,7 +1,7 @@
 """Stage 0: an HF LLaVA-OneVision assembled from a SigLIP and a Qwen2 checkpoint, where the paper's stage 1 starts.
 
-python -m llava_integration.assemble --vision VISION_DIR --llm LLM_DIR OUT
-python -m llava_integration.assemble --vision ckpt/siglip-so400m-patch14-384 --llm ckpt/Qwen2-0.5B-Instruct \\
+llava-manager assemble --vision VISION_DIR --llm LLM_DIR OUT        (or python -m llava_integration.assemble ...)
+llava-manager assemble --vision ckpt/siglip-so400m-patch14-384 --llm ckpt/Qwen2-0.5B-Instruct \\
     --image-aspect-ratio anyres_max_9 --grid 1x1..6x6 ckpt/stage0      # LLaVA-OV-0.5B before stage 1
 
 As LLaVA-OneVision builds its model: the SigLIP vision tower loses its last block and its pooling head (the model
@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -303,10 +304,10 @@ def assemble(
     return out, assembly
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m llava_integration.assemble") -> argparse.ArgumentParser:
     """The command line of stage 0."""
     parser = argparse.ArgumentParser(
-        prog="python -m llava_integration.assemble",
+        prog=prog,
         description=__doc__.split("\n\n")[0],
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -330,21 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the options, assemble, say what was built; exit 2 with one line on bad input."""
-    args = build_parser().parse_args(argv)
-    try:
-        out, assembly = assemble(
-            args.vision,
-            args.llm,
-            args.out,
-            image_aspect_ratio=args.image_aspect_ratio,
-            grid=args.grid,
-            seed=args.seed,
-            dtype=args.dtype,
-        )
-    except ConversionError as error:
-        raise SystemExit(f"assemble: error: {error}") from error
+def main(argv: list[str] | None = None, prog: str = "python -m llava_integration.assemble") -> int:
+    """Parse the options, assemble, say what was built; bad input is a `ConversionError` naming the problem."""
+    args = build_parser(prog).parse_args(argv)
+    out, assembly = assemble(
+        args.vision,
+        args.llm,
+        args.out,
+        image_aspect_ratio=args.image_aspect_ratio,
+        grid=args.grid,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
     print(
         f"wrote {out}: SigLIP {assembly.vision_blocks} -> {assembly.vision_blocks - 1} blocks, vocabulary "
         f"{assembly.tokens_before} -> {assembly.tokens_after} rows, {assembly.new_parameters:,} new parameters"
@@ -353,4 +351,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from llava_manager.cli import run_main
+
+    sys.exit(run_main(main, prog="python -m llava_integration.assemble"))

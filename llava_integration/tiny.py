@@ -1,8 +1,8 @@
 """The embedded tiny default: a small random LLaVA-OneVision in HF format, built offline in seconds, as a real one is.
 
-`python -m llava_integration.tiny DIR --unimodal` writes the two unimodal checkpoints a reproduction starts from:
+`llava-manager tiny DIR --unimodal` (or `python -m llava_integration.tiny ...`) writes the two unimodal checkpoints a reproduction starts from:
 `DIR/siglip` (a SigLIP vision model with its pooling head and image processor) and `DIR/qwen2` (a Qwen2 causal LM and
-its byte-level BPE tokenizer, trained on an embedded corpus). `python -m llava_integration.tiny DIR` writes them to a
+its byte-level BPE tokenizer, trained on an embedded corpus). `llava-manager tiny DIR` writes them to a
 scratch directory and assembles them (stage 0, `llava_integration.assemble`) into DIR: the LLaVA-OneVision model and
 processor (the Qwen ChatML template, AnyRes grid pinpoints 1x1 .. 6x6) that `from_pretrained` loads.
 `--family llava` / `llava_next` writes a tiny LLaVA-1.5 / LLaVA-NeXT instead: a CLIP tower (CLS token, `default`
@@ -13,6 +13,7 @@ template, and HF's LLaVA / LLaVA-NeXT processor.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -94,8 +95,9 @@ def siglip_config(blocks: int = TOWER_BLOCKS + 1) -> SiglipVisionConfig:
     )
 
 
-def qwen2_config(vocab_size: int) -> Qwen2Config:
-    """The tiny Qwen2 (6 layers, width 64, tied embeddings)."""
+def qwen2_config(vocab_size: int, eos_token_id: int | None = None, pad_token_id: int | None = None) -> Qwen2Config:
+    """The tiny Qwen2 (6 layers, width 64, tied embeddings); with the tokenizer's end and padding ids, generation
+    stops at the end of a turn."""
     return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -105,14 +107,24 @@ def qwen2_config(vocab_size: int) -> Qwen2Config:
         num_key_value_heads=2,
         max_position_embeddings=8192,
         tie_word_embeddings=True,
+        bos_token_id=None,  # the ChatML template starts no text with a BOS token
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
     )
 
 
-def build_config(vocab_size: int, image_token_id: int, video_token_id: int) -> LlavaOnevisionConfig:
+def build_config(
+    vocab_size: int,
+    image_token_id: int,
+    video_token_id: int,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> LlavaOnevisionConfig:
     """The assembled tiny model's `LlavaOnevisionConfig`: SigLIP (6 blocks, width 32) + Qwen2 (6 layers, width 64)."""
     vision = siglip_config(TOWER_BLOCKS)
     vision.vision_use_head = False
-    return llava_onevision_config(vision, qwen2_config(vocab_size), image_token_id, video_token_id, GRID_PINPOINTS)
+    text = qwen2_config(vocab_size, eos_token_id, pad_token_id)
+    return llava_onevision_config(vision, text, image_token_id, video_token_id, GRID_PINPOINTS)
 
 
 def build_processor(tokenizer: PreTrainedTokenizerBase) -> LlavaOnevisionProcessor:
@@ -133,14 +145,10 @@ def write_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
     """A random tiny Qwen2 causal LM with its tokenizer and generation config (ChatML stop tokens, as Qwen2-Instruct)."""
     directory = Path(directory)
     tokenizer = build_tokenizer(media_tokens=False)
-    end_of_text, end_of_turn = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
-    config = qwen2_config(len(tokenizer))
-    config.bos_token_id, config.eos_token_id = end_of_text, end_of_turn
+    end, pad = tokenizer.eos_token_id, tokenizer.pad_token_id  # <|im_end|>, <|endoftext|>
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=end_of_text, eos_token_id=[end_of_turn, end_of_text], pad_token_id=end_of_text
-    )
+    model = Qwen2ForCausalLM(qwen2_config(len(tokenizer), end, pad))
+    model.generation_config = GenerationConfig(eos_token_id=end, pad_token_id=pad)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -150,6 +158,13 @@ def write_tiny_unimodal(directory: str | Path, seed: int = 0) -> tuple[Path, Pat
     """The tiny SigLIP and Qwen2 under `directory` (`siglip/`, `qwen2/`); returns their directories."""
     directory = Path(directory)
     return write_tiny_siglip(directory / "siglip", seed), write_tiny_qwen2(directory / "qwen2", seed)
+
+
+def _stops_at_end_of_turn(model, tokenizer):
+    """`model` with the tokenizer's end and padding ids in its generation config, so `generate` stops at a turn's end."""
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 # LLaVA-1.5's conversation (Vicuna v1): no system turn, `USER: ` and `ASSISTANT: ` turns, images first in a turn.
@@ -193,6 +208,7 @@ def build_clip_llama_model(family: str, seed: int = 0):
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )  # fmt: skip
     common = {
         "vision_config": vision,
@@ -218,7 +234,7 @@ def build_clip_llama_model(family: str, seed: int = 0):
             **reading,
         )
     torch.manual_seed(seed)
-    return model_class(config).eval(), processor
+    return _stops_at_end_of_turn(model_class(config).eval(), tokenizer), processor
 
 
 TINY_FAMILIES = ("llava_onevision", "llava", "llava_next")
@@ -240,8 +256,9 @@ def write_tiny(directory: str | Path, seed: int = 0, family: str = "llava_onevis
     return directory
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m llava_integration.tiny") -> None:
+    """Write the tiny model (or only its unimodal parts) to the directory the command line names."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="where to write the tiny model (a new or empty directory)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=TINY_FAMILIES, default="llava_onevision")
@@ -261,4 +278,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from llava_manager.cli import run_main
+
+    sys.exit(run_main(main, prog="python -m llava_integration.tiny"))

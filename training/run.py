@@ -78,10 +78,6 @@ def stage_provenance(setup: StageSetup, global_step: int) -> dict[str, Any]:
 def run_stage(setup: StageSetup) -> StageResult:
     """Train one stage as `setup` says and write its model (loadable by `llava_integration.load_model`)."""
     recipe, stage, args = setup.recipe, setup.stage, setup.training
-    if stage.lora_r and args.deepspeed and args.hf_deepspeed_config.is_zero3():
-        raise ValueError(
-            "LoRA under ZeRO-3 is not supported (its checkpoint would lack the frozen weights): use --deepspeed zero2"
-        )
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     resume = _resume_point(setup)

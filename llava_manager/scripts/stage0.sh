@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage 0: assemble the LLaVA-OneVision that stage 1 starts from, out of a SigLIP and a Qwen2 checkpoint (local dirs):
-#   VISION=ckpt/siglip-so400m-patch14-384 LLM=ckpt/Qwen2-0.5B-Instruct bash scripts/stage0.sh [--grid 1x1..6x6 ...]
+#   VISION=ckpt/siglip-so400m-patch14-384 LLM=ckpt/Qwen2-0.5B-Instruct llava-manager script stage0 [--grid 1x1..6x6]
 # Environment: VISION, LLM (required)  CHECKPOINTS (checkpoints)  OUTPUT (${CHECKPOINTS}/stage0, where stage1*.sh
 # look by default)  PYTHON (python). Extra options go to `python -m llava_integration.assemble`.
 set -euo pipefail
