@@ -34,6 +34,22 @@ class LlavaOnevisionManagerForConditionalGeneration(LlavaOnevisionForConditional
         super().__init__(config)
         restore_from_config(self)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """HF's `from_pretrained`, refusing a checkpoint whose config records a manager that its weights lack."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        # HF leaves missing parameters of modules it does not know as uninitialised memory: never train on that.
+        missing = sorted(key for key in info["missing_keys"] if ".manager." in f".{key}")  # `apply_manager`'s module
+        if missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: config.json records a manager "
+                f"but the weights lack {len(missing)} of its tensors ({', '.join(missing[:4])}"
+                f"{', ...' if len(missing) > 4 else ''}): the checkpoint is incomplete; re-save it from the trained "
+                "model, or load the base model with the plain HF class and apply the manager adapter"
+            )
+        return (model, info) if wants_info else model
+
 
 def load_model(
     path: str | Path, manager: str | Path | None = None, **from_pretrained_kwargs
