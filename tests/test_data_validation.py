@@ -246,3 +246,36 @@ def test_measured_lengths_are_the_collated_lengths(data_dir, processor, recipe):
         batch = collator([dataset[index]])
         assert abs(checked.lengths[index]) == int(batch["attention_mask"].sum()), checked.records[index].id
         assert (checked.lengths[index] > 0) == ("pixel_values" in batch)
+
+
+def test_validation_runs_once_per_data_set_and_settings(data_dir, processor, tmp_path, monkeypatch):
+    """The outcome is cached by the records' content and the settings: a second start reads it without opening one
+    image; another max length, another record or another image check is checked anew."""
+    from training.data import validation
+
+    records = [{"id": "square", "image": "img0.png", "conversations": QA}, {"id": "gone", "image": "no.png"}]
+    path = write_json(data_dir / "d.json", records + [{"id": "text", "conversations": QA[1:]}])
+    kwargs = {
+        "template": get_template("chat"),
+        "processor": processor,
+        "image_folder": data_dir,
+        "image_aspect_ratio": "square",
+        "on_bad_data": "skip",
+        "cache_dir": tmp_path / "cache",
+    }
+    first = validate_data(read_records(path), max_length=256, **kwargs)
+    assert [r.id for r in first.records] == ["square"] and len(first.problems) == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+    checks = []
+    real_check = validation.check_records
+    monkeypatch.setattr(validation, "check_records", lambda *a, **k: checks.append(k) or real_check(*a, **k))
+    again = validate_data(read_records(path), max_length=256, **kwargs)
+    assert checks == [] and again == first  # read from the cache: the same records, lengths and problems
+
+    validate_data(read_records(path), max_length=255, **kwargs)
+    validate_data(read_records(path), max_length=256, image_check="decode", **kwargs)
+    write_json(path, [{**records[0], "conversations": [QA[0], {"from": "gpt", "value": "blue"}]}, *records[1:]])
+    validate_data(read_records(path), max_length=256, **kwargs)
+    assert [k["max_length"] for k in checks] == [255, 256, 256] and checks[1]["image_check"] == "decode"
+    assert len(list((tmp_path / "cache").iterdir())) == 4
