@@ -12,6 +12,7 @@ from conftest import random_image
 from transformers import AutoProcessor
 
 from training.data import (
+    BAD_RECORDS,
     BadDataError,
     ConversationDataset,
     DataFileError,
@@ -185,8 +186,14 @@ def test_decode_check_catches_what_verify_cannot(data_dir, processor):
     raw = (data_dir / "whole.jpg").read_bytes()
     (data_dir / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
     records = read_records(
-        write_json(data_dir / "d.json", [{"id": "cut", "image": "truncated.jpg", "conversations": QA}])
-    )
+        write_json(
+            data_dir / "d.json",
+            [
+                {"id": "cut", "image": "truncated.jpg", "conversations": QA},
+                {"id": "whole", "image": "whole.jpg", "conversations": QA},
+            ],
+        )
+    )[:1]
     kwargs = {
         "template": get_template("chat"),
         "processor": processor,
@@ -197,11 +204,23 @@ def test_decode_check_catches_what_verify_cannot(data_dir, processor):
     assert len(validate_data(records, image_check="verify", **kwargs).records) == 1
     with pytest.raises(BadDataError, match="record 'cut'.*truncated.jpg.*cannot be read"):
         validate_data(records, image_check="decode", **kwargs)
-    # Had it slipped through, the dataset stops with the record and file named, not a shape error.
+    # Had it slipped through, the dataset names the record and file, and stands in the next record for it (the
+    # trainer then skips or stops as --on_bad_data says); with no record left that decodes, it stops.
     checked = validate_data(records, image_check="verify", **kwargs)
     dataset = ConversationDataset(checked.records, checked.lengths, get_template("chat"), processor, data_dir)
-    with pytest.raises(RuntimeError, match="record 'cut'.*truncated.jpg.*--image_check decode"):
+    with pytest.raises(RuntimeError, match="none of the 1 records decodes; first: .*truncated.jpg.*--image_check dec"):
         dataset[0]
+    whole = read_records(data_dir / "d.json")[1]
+    both = ConversationDataset(
+        [*checked.records, whole], [*checked.lengths, 5], get_template("chat"), processor, data_dir
+    )
+    sample = both[0]
+    assert sample["where"] == whole.where and [image.size for image in sample["images"]] == [(96, 40)]
+    [bad] = sample[BAD_RECORDS]
+    assert bad["record"] == records[0].where and re.fullmatch(
+        r"image 'truncated.jpg' at \S+ cannot be decoded .*", bad["reason"]
+    )
+    assert BAD_RECORDS not in both[1]
 
 
 @pytest.mark.parametrize("recipe", ["stage1", "stage2", "stage2_nogrid"])

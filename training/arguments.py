@@ -53,10 +53,23 @@ class StageArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     on_bad_data: Literal["stop", "skip"] = field(
-        default="stop", metadata={"help": "bad records found before training: stop the run, or skip and count them"}
+        default="stop",
+        metadata={
+            "help": "bad records (found before training, or failing to decode in it): stop, or skip and list them"
+        },
     )
     image_check: Literal["verify", "decode"] = field(
         default="verify", metadata={"help": "how images are checked before training: header + integrity, or decode"}
+    )
+    validation_cache: str | None = field(
+        default=None,
+        metadata={"help": "where the validation pass is cached (default ~/.cache/llava_manager/validation; none: off)"},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "train into an output_dir that holds a finished stage, replacing it"}
+    )
+    keep_last_checkpoint: bool = field(
+        default=False, metadata={"help": "keep the last checkpoint-N (optimizer states) once the stage has finished"}
     )
 
     @property
