@@ -2,7 +2,8 @@
 
 Precedence, lowest first: `TrainingArguments` defaults, the recipe's `training:` block, explicit values (command line
 or keyword arguments). Derived values, unless given explicitly: gradient accumulation from the recipe's global batch
-(`global_batch / (per_device_batch * world_size)`), bf16 only where the hardware has it, reporting to tensorboard
+(`global_batch / (per_device_batch * world_size)`), the recipe's bf16 only where the hardware has it (an explicit
+`--bf16 true` means bf16 on CPU too), reporting to tensorboard
 (and wandb when `WANDB_PROJECT` is set) only when installed, no data-loader worker processes on a CPU-only machine.
 """
 
@@ -126,6 +127,8 @@ def _training_kwargs(recipe: Recipe, stage: StageArguments, explicit: dict[str, 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if "bf16" not in explicit:
         kwargs["bf16"] = bool(kwargs.get("bf16")) and cuda and torch.cuda.is_bf16_supported()
+    elif kwargs["bf16"] and not cuda and "use_cpu" not in explicit:
+        kwargs["use_cpu"] = True  # an explicit --bf16 true on CPU means bf16 there too (HF asks for use_cpu to allow it)
     if explicit.get("remove_unused_columns"):
         raise ValueError("remove_unused_columns must stay False: the collator reads the raw samples")
     kwargs["remove_unused_columns"] = False
