@@ -177,10 +177,10 @@ def test_a_record_that_fails_to_decode_in_training_is_skipped_or_stops(tiny_dir,
         cli.main(argv)
     message = str(stopped.value)
     checkpoint = tmp_path / "stop" / f"checkpoint-{entry['step']}"
-    resume = f"--resume_from_checkpoint {checkpoint}"
+    resume = f"rerun with --resume_from_checkpoint {checkpoint}"
     assert "\n" not in message and message.startswith(entry["record"] + ": " + entry["reason"])
     assert f"stopped at step {entry['step']} (--on_bad_data stop)" in message
-    assert (resume if entry["step"] else "a fresh start (no checkpoint yet)") in message
+    assert (resume if entry["step"] else "rerun (no checkpoint yet)") in message
     assert not (tmp_path / "stop" / "config.json").exists()
 
 

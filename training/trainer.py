@@ -5,7 +5,9 @@
 - checkpoints are written under a staging name and renamed into place, so none is ever half-written; each holds the
   full HF model (LoRA merged), the processor, the optimizer / scheduler / RNG states, and for LLaVA-OneVision the
   manager adapter (any other `PreTrainedModel` trains too: nothing else here is LLaVA-specific);
-- a LoRA checkpoint also keeps its trainable weights unmerged (`trainable.safetensors`), so it resumes exactly.
+- a LoRA checkpoint also keeps its trainable weights unmerged (`trainable.safetensors`), so it resumes exactly;
+- a record that fails to decode in a step (its sample lists it under `data.BAD_RECORDS`) stops the run, naming the
+  record and the checkpoint to resume from, or is logged and listed as `--on_bad_data` says.
 """
 
 from __future__ import annotations
@@ -107,10 +109,10 @@ class StageTrainer(Trainer):
         step = self.state.global_step
         if self.on_bad_data == "stop":
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            resume = f"--resume_from_checkpoint {last}" if last else "a fresh start (no checkpoint yet)"
+            resume = f"rerun with --resume_from_checkpoint {last}" if last else "rerun (no checkpoint yet)"
             raise BadRecordError(
                 f"{bad[0]['record']}: {bad[0]['reason']}; stopped at step {step} (--on_bad_data stop): fix or remove "
-                f"it and rerun with {resume}, or pass --on_bad_data skip"
+                f"it and {resume}, or pass --on_bad_data skip"
             )
         known = {entry["record"] for entry in self.skipped_records}
         for entry in bad:
