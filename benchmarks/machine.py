@@ -6,7 +6,6 @@ import os
 import platform
 
 import torch
-import transformers
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity) from the vendors' data sheets, in TFLOP/s, keyed by a substring of
 # `torch.cuda.get_device_name()`; the first match wins, so the more specific names come first.
@@ -56,16 +55,14 @@ def _load() -> list[float] | None:
 
 
 def describe(device: torch.device) -> dict:
-    """What a reader needs to compare these numbers: CPU, cores, load, library versions, and the accelerator."""
+    """What a reader needs to compare these numbers: CPU, cores, load, and the accelerator (the library versions are
+    in the result's `provenance`)."""
     info = {
         "cpu": _cpu_model(),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1_5_15": _load(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
         "platform": platform.platform(),
         "device": str(device),
     }

@@ -21,6 +21,7 @@ from transformers import LlavaOnevisionConfig
 from llava_integration import apply_manager, manager_of
 from llava_integration.patch import resolve_manager_config
 from manager_plugin import ManagerConfig
+from manager_plugin.provenance import environment_provenance
 
 from . import flops as flop_model
 from .inputs import make_batch, training_labels, workload
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "size": args.size,
         "machine": describe(device),
+        "provenance": environment_provenance(),
         "settings": {
             "dtype": str(dtype).removeprefix("torch."),
             "attention": args.attention,

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .results import STABLE_NAME, Results
+from .results import STABLE_NAME, Results, add_provenance
 from .run import check_results
 
 TINY_TASKS = ("manager_tiny", "manager_tiny_mc")
@@ -50,14 +50,14 @@ def evaluate_checkpoints(
             batch_size=batch_size,
             device=device,
             limit=limit,
-            log_samples=False,
+            log_samples=True,  # the generated answers are kept with the scores
             task_manager=manager,
         )
         directory = Path(output_root) / name
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / STABLE_NAME
         staging = directory / f".partial-{STABLE_NAME}"
-        staging.write_text(json.dumps(data, indent=2, default=str))
+        staging.write_text(json.dumps(add_provenance(data), indent=2, default=str))
         results = Results()
         results.add(json.loads(staging.read_text()), path)
         problems = check_results(results, list(tasks), predict_only=False, output_dir=directory)

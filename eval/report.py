@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from manager_plugin.provenance import describe_environment, environment_provenance
+
 from .benchmarks import Benchmark, BenchmarkTable, load_table
 from .results import Results, load_results
 
@@ -42,6 +44,31 @@ class Report:
     rows: list[Row]
     average: Row | None
     notes: list[str]
+    provenance: list[str] = field(default_factory=list)  # how the report and its evaluations were made, in lines
+
+
+def provenance_lines(results: dict[str, Results], labels: dict[str, str]) -> list[str]:
+    """Lines for people: the environment of this report and of each variant's evaluation, then each task's version,
+    dataset and judge (merged over the variants)."""
+    lines = [f"report: {describe_environment(environment_provenance())}"]
+    evaluated: dict[str, list[str]] = {}
+    tasks: dict[str, dict] = {}
+    for name, result in results.items():
+        if not result.provenance:
+            evaluated.setdefault("not recorded (results written without `python -m eval run`)", []).append(name)
+        for recorded in result.provenance:
+            evaluated.setdefault(describe_environment(recorded), []).append(name)
+            tasks.update(recorded.get("tasks", {}))
+    for environment, names in evaluated.items():
+        lines.append(
+            f"evaluation of {', '.join(labels.get(name, name) for name in dict.fromkeys(names))}: {environment}"
+        )
+    for task, about in sorted(tasks.items()):
+        dataset = "/".join(part for part in (about.get("dataset_path"), about.get("dataset_name")) if part) or "—"
+        revision = about.get("dataset_revision") or "default branch at download"
+        judge = f", judge {about['judge_model']}" if about.get("judge_model") else ""
+        lines.append(f"task {task}: version {about.get('version')}, data {dataset} ({revision}){judge}")
+    return lines
 
 
 def parse_runs(items: list[str], table: BenchmarkTable) -> dict[str, Path]:
@@ -159,7 +186,7 @@ def build_report(results: dict[str, Results], table: BenchmarkTable | None = Non
             notes.append(f"variant {labels[name]} ({name}): its results hold none of the reported tasks")
     known = [row for row in rows if row.task in {benchmark.score_task for benchmark in table.benchmarks}]
     average = _average(known, variants, protocol, table.paper_average, notes)
-    return Report(variants, labels, rows, average, notes)
+    return Report(variants, labels, rows, average, notes, provenance_lines(results, labels))
 
 
 # -- writing ---------------------------------------------------------------------------------------------------------
@@ -205,13 +232,19 @@ def write_markdown(report: Report, path: Path) -> Path:
         lines.append("| " + " | ".join(cells) + " |")
     if report.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
+    if report.provenance:
+        lines += ["", "## Provenance", ""] + [f"- {line}" for line in report.provenance]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def write_csv(report: Report, path: Path) -> Path:
-    """The table as CSV: one row per task (and the average), our and the paper's number per variant."""
+    """The table as CSV: one row per task (and the average), our and the paper's number per variant.
+
+    The provenance comes first as `# ` comment lines (`pandas.read_csv(path, comment="#")` skips them).
+    """
     with path.open("w", newline="") as handle:
+        handle.writelines(f"# {line}\n" for line in report.provenance)
         writer = csv.writer(handle)
         writer.writerow(["task", "label", "metric", *report.variants, *(f"paper_{name}" for name in report.variants)])
         for row in report.rows + ([report.average] if report.average else []):

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from manager_plugin.provenance import environment_provenance
+
 RESULTS_GLOB = "*_results.json"
 STABLE_NAME = "results.json"  # the copy `python -m eval run` leaves at the top of its --output_path
+# Environment variables lmms-eval 0.7.3's judged tasks read to pick their judge (e.g. mmvet's MODEL_VERSION).
+JUDGE_ENVIRONMENT = ("MODEL_VERSION", "API_TYPE")
 
 
 @dataclass
@@ -21,6 +26,7 @@ class Results:
     samples: dict[str, int] = field(default_factory=dict)  # task -> documents evaluated
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)
+    provenance: list[dict[str, Any]] = field(default_factory=list)  # what each source recorded (see add_provenance)
 
     def add(self, data: dict[str, Any], source: Path) -> None:
         if "results" not in data:
@@ -30,6 +36,8 @@ class Results:
         self.samples.update({task: int(count.get("effective", 0)) for task, count in data.get("n-samples", {}).items()})
         self.configs.update(data.get("configs", {}))
         self.sources.append(source)
+        if "provenance" in data:
+            self.provenance.append(data["provenance"])
 
     def value(self, task: str, key: str) -> float | None:
         """The finite number stored under `key` (`<metric>,<filter>`) for `task`, or None."""
@@ -44,6 +52,33 @@ class Results:
         if not members:
             return [name]
         return [leaf for member in members for leaf in self.leaves(member)]
+
+
+def task_provenance(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per task of an lmms-eval results dict: its version, dataset (path, name, revision) and judge model, if any.
+
+    A revision of None means the dataset's default branch as it was when it was downloaded.
+    """
+    versions = data.get("versions", {})
+    described = {}
+    for task, config in sorted(data.get("configs", {}).items()):
+        metadata = config.get("metadata") or {}
+        dataset_kwargs = config.get("dataset_kwargs") or {}
+        described[task] = {
+            "version": versions.get(task, metadata.get("version")),
+            "dataset_path": config.get("dataset_path"),
+            "dataset_name": config.get("dataset_name"),
+            "dataset_revision": dataset_kwargs.get("revision"),
+            "judge_model": metadata.get("gpt_eval_model_name"),
+        }
+    return described
+
+
+def add_provenance(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (an lmms-eval results dict) with a `provenance` entry: how it was made, down to each task's data."""
+    judge_environment = {name: os.environ[name] for name in JUDGE_ENVIRONMENT if name in os.environ}
+    provenance = {**environment_provenance(), "tasks": task_provenance(data), "judge_environment": judge_environment}
+    return {**data, "provenance": provenance}
 
 
 def result_files(path: str | Path) -> list[Path]:

@@ -13,15 +13,17 @@ from __future__ import annotations
 import argparse
 import collections
 import fnmatch
+import json
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from manager_plugin.io import write_atomically
+
 from . import TASKS_DIR
-from .results import RESULTS_GLOB, STABLE_NAME, Results, load_results
+from .results import RESULTS_GLOB, STABLE_NAME, Results, add_provenance, load_results
 
 UNSCORED_METRICS = frozenset({"submission", "bypass"})  # written to a file for a server / skipped in predict-only
 LMMS_EVAL = ("-m", "lmms_eval")
@@ -102,7 +104,7 @@ def run(argv: list[str], command: tuple[str, ...] | None = None) -> int:
     """Run lmms-eval with `argv`; return 0 only when every requested task produced results.
 
     `--num_processes N` (the wrapper's own option) starts N processes with `accelerate launch`; `command` replaces
-    the lmms-eval command line altogether.
+    the lmms-eval command line altogether. The copy at `OUTPUT/results.json` also records its provenance.
     """
     num_processes, argv = _pop_num_processes(argv)
     command = command or lmms_eval_command(num_processes)
@@ -145,6 +147,7 @@ def run(argv: list[str], command: tuple[str, ...] | None = None) -> int:
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
-    shutil.copyfile(written[-1], output_dir / STABLE_NAME)
+    recorded = add_provenance(json.loads(written[-1].read_text()))
+    write_atomically(output_dir / STABLE_NAME, lambda path: Path(path).write_text(json.dumps(recorded, indent=2)))
     print(f"\nOK: results in {output_dir / STABLE_NAME} (lmms-eval wrote {written[-1]})")
     return 0

@@ -37,7 +37,9 @@ def test_smoke_run_writes_the_table_json_and_plot(tmp_path):
     table = (tmp_path / "smoke.md").read_text()
     assert all(f"| {variant.label} |" in table for variant in VARIANTS.values())
 
-    assert {"cpu", "torch", "transformers", "device_name", "torch_threads"} <= set(result["machine"])
+    assert {"cpu", "device_name", "torch_threads"} <= set(result["machine"])
+    assert result["provenance"]["libraries"]["torch"] == torch.__version__.split("+")[0]
+    assert result["provenance"]["project"]["name"] == "llava-manager"
     assert result["machine"]["torch_threads"] == 1
     assert list(result["variants"]) == list(VARIANTS)
     for name, base in MANAGER_PAIRS.items():

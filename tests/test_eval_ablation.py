@@ -155,31 +155,67 @@ def test_a_rerun_skips_finished_work_and_redoes_what_is_stale(tmp_path, capsys, 
     assert code == 0 and len(forced.trained) == 10 and len(forced.evaluated) == 4
 
 
+def uncommented(handle):
+    """The CSV's lines without its leading `# ` provenance lines."""
+    return (line for line in handle if not line.startswith("#"))
+
+
+def answers(results: dict) -> dict[str, list]:
+    """Each task's generated answers (or choice scores), document by document, from a results file's samples."""
+    return {
+        task: [sample["filtered_resps"] for sample in sorted(samples, key=lambda sample: sample["doc_id"])]
+        for task, samples in results["samples"].items()
+    }
+
+
 def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_thread):
     """Every step for real (in-process, 2 training steps per stage, 6 documents per task): all artifacts, a report
-    naming all four variants, and a re-run that has nothing left to do."""
+    naming all four variants, and a re-run that has nothing left to do. A second run into another directory gives
+    the same scores, answers and report: the results are a function of the code and the seed alone."""
     launcher = InProcessLauncher(task_manager=shared_task_manager())  # the session's index (built once, 10-20 s)
-    args = build_parser().parse_args(["--out", str(tmp_path), "--schedule", "smoke", "--threads", "1"])
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = build_parser().parse_args(["--out", str(first), "--schedule", "smoke", "--threads", "1"])
     assert run(args, launcher) == 0
     output = capsys.readouterr().out
     for stage in build_plan().stages:
-        assert (tmp_path / "stages" / stage.recipe / "config.json").is_file(), stage.recipe
+        assert (first / "stages" / stage.recipe / "config.json").is_file(), stage.recipe
+        provenance = json.loads((first / "stages" / stage.recipe / "provenance.json").read_text())
+        assert provenance["stage"]["recipe"] == stage.recipe and provenance["global_step"] == 2
     for variant in VARIANT_RECIPES:
-        results = json.loads((tmp_path / "eval" / variant / "results.json").read_text())
+        results = json.loads((first / "eval" / variant / "results.json").read_text())
         assert results["n-samples"]["manager_tiny_mc"]["effective"] == 6
         assert 0 <= results["results"]["manager_tiny"]["exact_match,none"] <= 1
-    report = tmp_path / "report"
+        assert results["provenance"]["tasks"]["manager_tiny"]["version"] == 2.0
+        assert {task: len(resps) for task, resps in answers(results).items()} == {
+            "manager_tiny": 6,
+            "manager_tiny_mc": 6,
+        }
+    report = first / "report"
     labels = [variant.label for variant in load_table().variants.values()]
     header = (report / "ablation.md").read_text().split("| Task |")[1].splitlines()[0]
     assert all(f" {label} " in header for label in labels)
     with (report / "ablation.csv").open() as handle:
-        rows = {row["task"]: row for row in csv.DictReader(handle)}
+        rows = {row["task"]: row for row in csv.DictReader(uncommented(handle))}
     assert all(rows["manager_tiny_mc"][variant] != "" for variant in VARIANT_RECIPES)
     assert (report / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (report / "ablation.md").read_text()
     assert "[17/17" in output and "chance on the 6 manager_tiny documents" in markdown
     assert "standard error of up to 20.4 points: a Δ within ±57.7 is noise" in markdown  # 50 / sqrt(6), x 2 sqrt(2)
+    assert (
+        "## Provenance" in output
+        and "- evaluation of Baseline, +Manager, +Grid, +Grid+Manager: llava-manager" in output
+    )
 
     launcher.train = launcher.evaluate = pytest.fail  # nothing may run again
     assert run(args, launcher) == 0
     assert capsys.readouterr().out.count("skipped") == 16
+
+    launcher = InProcessLauncher(task_manager=shared_task_manager())
+    assert (
+        run(build_parser().parse_args(["--out", str(second), "--schedule", "smoke", "--threads", "1"]), launcher) == 0
+    )
+    for variant in VARIANT_RECIPES:
+        once, again = (json.loads((out / "eval" / variant / "results.json").read_text()) for out in (first, second))
+        assert once["results"] == again["results"], variant
+        assert answers(once) == answers(again), variant
+    assert (second / "report" / "ablation.md").read_text() == markdown

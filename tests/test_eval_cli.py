@@ -7,6 +7,7 @@ computed from the documents alone.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -162,6 +163,30 @@ def test_cli_generate_and_multiple_choice_give_the_known_scores(cli_run, forced)
     assert results["n-samples"]["manager_tiny_mc"]["effective"] == LIMIT
 
 
+
+def test_wrapper_keeps_a_checked_copy_with_its_provenance(cli_run, tmp_path, monkeypatch):
+    """On success `OUTPUT/results.json` is lmms-eval's results plus how they were made (here from the real run's
+    results file, less its unscored task, written by a stand-in for lmms-eval)."""
+    results = copy.deepcopy(cli_run[1])  # the fixture is shared
+    del results["results"]["manager_tiny_unscored"]
+    source = tmp_path / "lmms_eval_wrote.json"
+    source.write_text(json.dumps(results))
+    written = tmp_path / "out" / "model" / "20260101_000000_results.json"
+    fake_lmms_eval = (
+        sys.executable,
+        "-c",
+        f"import os, shutil; os.makedirs({str(written.parent)!r}); shutil.copy({str(source)!r}, {str(written)!r})",
+    )
+    monkeypatch.setenv("MODEL_VERSION", "judge-1")
+    tasks = ["--tasks", "manager_tiny,manager_tiny_mc", "--output_path", str(tmp_path / "out")]
+    assert run(tasks, command=fake_lmms_eval) == 0
+    stable = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert stable["results"] == results["results"]
+    assert stable["provenance"]["libraries"]["lmms-eval"] == "0.7.3"
+    assert stable["provenance"]["tasks"]["manager_tiny_mc"]["version"] == results["versions"]["manager_tiny_mc"]
+    assert stable["provenance"]["judge_environment"] == {"MODEL_VERSION": "judge-1"}
+
+
 def test_wrapper_fails_loudly_when_a_task_has_no_score(cli_run):
     process, results, output = cli_run
     assert results["results"]["manager_tiny_unscored"]["exact_match,none"] is None
@@ -239,10 +264,17 @@ def test_in_process_evaluation_matches_the_cli_and_feeds_the_report(cli_run, for
     finally:
         torch.set_num_threads(threads)
     assert written == {name: tmp_path / "runs" / name / "results.json" for name in ("baseline", "grid")}
+    logged = [
+        json.loads(line) for line in next(cli_run[2].rglob("*_samples_manager_tiny.jsonl")).read_text().splitlines()
+    ]
     for path in written.values():
-        results = json.loads(path.read_text())["results"]
+        data = json.loads(path.read_text())
         for task, key in (("manager_tiny", "exact_match,none"), ("manager_tiny_mc", "acc,none")):
-            assert results[task][key] == pytest.approx(cli_results["results"][task][key])
+            assert data["results"][task][key] == pytest.approx(cli_results["results"][task][key])
+        kept = sorted(data["samples"]["manager_tiny"], key=lambda sample: sample["doc_id"])
+        # lmms-eval's sample log unwraps one-element answer lists; the in-process results keep them as returned.
+        assert [sample["filtered_resps"] for sample in kept] == [[sample["filtered_resps"]] for sample in logged]
+        assert data["provenance"]["tasks"]["manager_tiny"]["version"] == cli_results["versions"]["manager_tiny"]
 
     report, _ = write_report({name: path.parent for name, path in written.items()}, tmp_path / "report")
     tiny = {row.task: row for row in report.rows}["manager_tiny"]

@@ -55,7 +55,11 @@ def test_report_tables_our_numbers_beside_the_papers(tmp_path):
     runs = [f"{name}={write_run(tmp_path / name, values)}" for name, values in RAW.items()]
     assert main(["report", *runs, "--out", str(tmp_path / "report")]) == 0
 
-    table = {row["task"]: row for row in csv.DictReader((tmp_path / "report" / "ablation.csv").open())}
+    lines = (tmp_path / "report" / "ablation.csv").read_text().splitlines()
+    provenance = [line for line in lines if line.startswith("# ")]
+    table = {row["task"]: row for row in csv.DictReader(line for line in lines if not line.startswith("#"))}
+    assert provenance[0].startswith("# report: llava-manager ") and provenance == lines[: len(provenance)]
+    assert "# evaluation of Baseline, +Manager, +Grid, +Grid+Manager: not recorded" in provenance[1]
     assert float(table["vqav2_val"]["manager"]) == pytest.approx(72.0)
     assert float(table["ocrbench"]["grid_manager"]) == pytest.approx(560.0)  # the paper's 0-1000 points
     assert float(table["mathvista_testmini_format"]["grid"]) == pytest.approx(36.0)

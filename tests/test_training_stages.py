@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from llava_integration import QUERY_MASK_KWARG, load_manager, load_model, manager_of
+from manager_plugin.provenance import environment_provenance
 from training.cli import main
 from training.recipe import load_recipe
 from training.synthetic import write_synthetic
@@ -142,6 +144,15 @@ def test_grid_and_square_settings_are_saved_with_each_stage(chain):
     ]
     for name in ("stage1", "stage2_nogrid", "stage2_manager_nogrid"):
         assert load_model(root / name).config.vision_aspect_ratio == "square", name
+
+
+def test_each_stage_records_how_it_was_made(chain):
+    for name, (model, output, _) in chain.items():
+        recorded = json.loads((output / "provenance.json").read_text())
+        assert recorded["stage"]["recipe"] == name and recorded["stage"]["model_name_or_path"] == str(model)
+        assert recorded["global_step"] == STEPS and recorded["world_size"] == 1 and recorded["deepspeed"] is None
+        assert recorded["project"] == environment_provenance()["project"]
+        assert recorded["libraries"]["transformers"] == transformers.__version__
 
 
 def test_lora_variant_saves_a_merged_model_and_reloads(chain, data, tmp_path):

@@ -128,7 +128,8 @@ def _training_kwargs(recipe: Recipe, stage: StageArguments, explicit: dict[str, 
     if "bf16" not in explicit:
         kwargs["bf16"] = bool(kwargs.get("bf16")) and cuda and torch.cuda.is_bf16_supported()
     elif kwargs["bf16"] and not cuda and "use_cpu" not in explicit:
-        kwargs["use_cpu"] = True  # an explicit --bf16 true on CPU means bf16 there too (HF asks for use_cpu to allow it)
+        # An explicit --bf16 true means bf16 on CPU too: HF allows it there only with use_cpu.
+        kwargs["use_cpu"] = True
     if explicit.get("remove_unused_columns"):
         raise ValueError("remove_unused_columns must stay False: the collator reads the raw samples")
     kwargs["remove_unused_columns"] = False

@@ -6,6 +6,7 @@ point; `python -m training` parses the same arguments from the command line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -19,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from llava_integration import manager_of
 from manager_plugin.io import write_atomically
+from manager_plugin.provenance import environment_provenance
 
 from .arguments import StageSetup, resolve_stage
 from .checkpoint import CONFIG_FILE, publish_files, staging_dir
@@ -29,6 +31,7 @@ from .trainer import StageTrainer
 
 logger = logging.getLogger(__name__)
 SKIPPED_RECORDS = "skipped_records.jsonl"
+PROVENANCE = "provenance.json"
 
 
 @dataclass
@@ -123,6 +126,19 @@ def _write_skipped(output_dir: Path, entries: list[dict[str, str]]) -> None:
     write_atomically(path, lambda temporary: Path(temporary).write_text(before + lines))
 
 
+def stage_provenance(setup: StageSetup, global_step: int) -> dict[str, Any]:
+    """How a stage's model was made: the environment, the stage's arguments, processes, seed and steps."""
+    args = setup.training
+    return {
+        **environment_provenance(),
+        "stage": dataclasses.asdict(setup.stage),
+        "seed": args.seed,
+        "world_size": args.world_size,
+        "deepspeed": args.deepspeed,  # the config file's path, or None
+        "global_step": global_step,
+    }
+
+
 def run_stage(setup: StageSetup) -> StageResult:
     """Train one stage as `setup` says and write its model (loadable by `llava_integration.load_model`)."""
     recipe, stage, args = setup.recipe, setup.stage, setup.training
@@ -187,6 +203,7 @@ def run_stage(setup: StageSetup) -> StageResult:
     if args.should_save:
         if skipped_in_training:
             _write_skipped(output_dir, skipped_in_training)
+        (staging / PROVENANCE).write_text(json.dumps(stage_provenance(setup, trainer.state.global_step), indent=1))
         publish_files(staging, output_dir)
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
         if not stage.keep_last_checkpoint:
