@@ -154,6 +154,14 @@ class StageTrainer(Trainer):
             )
         self.accelerator.wait_for_everyone()
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """HF's, except that LoRA under ZeRO-3 gathers the frozen weights too: the saved model is the merged one."""
+        zero3 = self.is_deepspeed_enabled and self.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3
+        if not (zero3 and _is_peft(self.model)):
+            return super().save_model(output_dir, _internal_call)
+        # HF gathers only a PEFT model's trainable weights under ZeRO-3, which leaves nothing to merge LoRA into.
+        self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.deepspeed))
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The full HF model (LoRA merged), the manager adapter and the processor: a stage's loadable output."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
