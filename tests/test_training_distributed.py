@@ -34,14 +34,17 @@ LORA = ("--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0")
 
 
 def managertower_args(output: str, *extra: str) -> list[str]:
-    """ManagerTower SNLI-VE on its synthetic data: 2 steps of 4 samples, no dropout and no random augmentation, so
-    that 2 ranks x 2 samples and 1 process x 2 accumulated micro-batches of 2 do the same arithmetic."""
+    """ManagerTower SNLI-VE on its synthetic data: 2 images x 3 hypotheses, all 6 samples in each step's global batch
+    (so the ranks' share of the shuffled order does not matter), no dropout, no random augmentation, and SGD (Adam's
+    first step would turn rounding-level gradient differences into +-lr): 2 ranks x 3 samples and 1 process x 2
+    accumulated micro-batches of 3 then do the same arithmetic."""
     from manager_plugin.managertower.tiny import TINY_TEXT, build_tokenizer
 
     text = {**TINY_TEXT, "vocab_size": len(build_tokenizer()), "max_position_embeddings": 66,
             "hidden_dropout_prob": 0, "attention_probs_dropout_prob": 0}  # fmt: skip
     settings = {
-        "training.per_device_train_batch_size": 2, "training.global_batch_size": 4, "training.learning_rate": 1e-3,
+        "synthetic.num_images": 2, "training.per_device_train_batch_size": 3, "training.global_batch_size": 6,
+        "training.optim": "sgd", "training.learning_rate": 0.1, "training.warmup_steps": 0,
         "data.train_transform": "square", "model.config.hidden_dropout_prob": 0,
         "model.config.attention_probs_dropout_prob": 0, "model.config.text_config": json.dumps(text),
     }  # fmt: skip
