@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from manager_plugin.managertower import ManagerTowerConfig, ManagerTowerHeadModel, ManagerTowerModel
 from manager_plugin.managertower.tiny import build_tokenizer, tiny_config
@@ -150,10 +150,12 @@ def run(
             raise ValueError("--eval-only needs the model to evaluate (--model DIR, a checkpoint of this task's head)")
         model = head.from_pretrained(recipe.model["init_from"])
         return evaluate(recipe, model, tokenizer, output_dir)
+    args = training_arguments(recipe, output_dir, deepspeed)
+    set_seed(args.seed)  # a model built from scratch (or a new head) is then the same in every process and every run
     model = head.from_base_model(build_base_model(recipe, tokenizer), **(recipe.model.get("head") or {}))
     trainer = ManagerTowerTrainer(
         model=model,
-        args=training_arguments(recipe, output_dir, deepspeed),
+        args=args,
         train_dataset=build_dataset(recipe, "train"),
         data_collator=build_collator(recipe, tokenizer, model),
         lr_multipliers=recipe.optim.get("lr_multipliers", {}),
