@@ -199,3 +199,36 @@ def check_managertower_under_zero2(work: Path) -> None:
     assert set(metrics) == {"accuracy"} and 0 <= metrics["accuracy"] <= 100
     trained = ManagerTowerForVisualEntailment.from_pretrained(work / "managertower-zero2").state_dict()
     assert all(torch.isfinite(tensor).all() for tensor in trained.values())
+
+
+def check_lora_under_zero3(tiny_dir: Path, work: Path) -> None:
+    """LoRA under ZeRO-3 on 2 ranks: the saved model holds the LoRA weights gathered from every rank and merged (equal
+    to this process's own merge of the saved adapter into the starting weights), the manager and projector trained in
+    full, and the merged model reloaded gives the in-memory model's logits."""
+    from safetensors.torch import load_file
+
+    output = work / "zero3-lora"
+    adapter = load_file(output / "trainable.safetensors")
+    saved = load_model(output).state_dict()
+    start = load_model(tiny_dir).state_dict()
+    prefix, scaling = "base_model.model.", 8 / 4  # lora_alpha / lora_r
+    lora_a = {
+        key.removeprefix(prefix).replace(".lora_A.default", ""): t for key, t in adapter.items() if "lora_A" in key
+    }
+    layers = {key.split(".layers.")[1].split(".")[0] for key in saved if ".language_model.layers." in key}
+    assert len(lora_a) == 7 * len(layers)  # q, k, v, o, gate, up, down of every decoder layer
+    for key, a in lora_a.items():
+        b = adapter[prefix + key.replace(".weight", ".lora_B.default.weight")]
+        assert a.numel() and b.numel() and b.abs().sum() > 0, key  # gathered, not ZeRO-3's empty partitions; trained
+        torch.testing.assert_close(saved[key], start[key] + scaling * b @ a, rtol=0, atol=1e-6, msg=key)
+    for key, tensor in saved.items():
+        if prefix + key in adapter:  # manager, projector, vision tower: trained in full, saved as trained
+            assert torch.equal(tensor, adapter[prefix + key]), key
+        elif key not in lora_a:
+            assert torch.equal(tensor, start[key]), key  # the language model's other weights stay frozen under LoRA
+    assert any(not torch.equal(saved[key], start[key]) for key in saved if "multi_modal_projector" in key)
+
+    processor = AutoProcessor.from_pretrained(output)
+    with torch.no_grad():
+        reloaded = load_model(output).eval()(**probe_inputs(processor)).logits
+    torch.testing.assert_close(reloaded, torch.load(work / "zero3-lora-logits.pt"), rtol=1e-4, atol=1e-5)
