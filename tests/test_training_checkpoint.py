@@ -126,6 +126,7 @@ def test_bad_data_stops_before_the_first_step(tiny_dir, data, tmp_path, monkeypa
     assert len(skipped) == 1 and records[3]["id"] in skipped[0]["record"]
     (tmp_path / "mixture.yaml").write_text("datasets:\n  - json_path: bad.json\n    sampling_strategy: sometimes\n")
     argv[argv.index("--data_path") + 1] = str(tmp_path / "mixture.yaml")
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "mixture-run")
     with pytest.raises(ValueError, match=r"mixture .*mixture.yaml, datasets\[0\]: sampling_strategy 'sometimes'"):
         cli.main(argv)
 
