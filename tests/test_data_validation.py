@@ -269,7 +269,7 @@ def test_measured_lengths_are_the_collated_lengths(data_dir, processor, recipe):
 
 def test_validation_runs_once_per_data_set_and_settings(data_dir, processor, tmp_path, monkeypatch):
     """The outcome is cached by the records' content and the settings: a second start reads it without opening one
-    image; another max length, another record or another image check is checked anew."""
+    image; another max length, image check, template or record is checked anew."""
     from training.data import validation
 
     records = [{"id": "square", "image": "img0.png", "conversations": QA}, {"id": "gone", "image": "no.png"}]
@@ -294,7 +294,8 @@ def test_validation_runs_once_per_data_set_and_settings(data_dir, processor, tmp
 
     validate_data(read_records(path), max_length=255, **kwargs)
     validate_data(read_records(path), max_length=256, image_check="decode", **kwargs)
+    validate_data(read_records(path), max_length=256, **{**kwargs, "template": get_template("plain")})
     write_json(path, [{**records[0], "conversations": [QA[0], {"from": "gpt", "value": "blue"}]}, *records[1:]])
     validate_data(read_records(path), max_length=256, **kwargs)
-    assert [k["max_length"] for k in checks] == [255, 256, 256] and checks[1]["image_check"] == "decode"
-    assert len(list((tmp_path / "cache").iterdir())) == 4
+    assert [k["max_length"] for k in checks] == [255, 256, 256, 256] and checks[1]["image_check"] == "decode"
+    assert checks[2]["template"].name == "plain" and len(list((tmp_path / "cache").iterdir())) == 5

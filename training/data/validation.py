@@ -201,9 +201,10 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser() / "validation"
 
 
-def validation_key(records: list[Record], settings: dict, processor) -> str:
-    """A digest of the records' content, the check's settings and everything of the processor that sets lengths."""
-    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **settings}, sort_keys=True).encode())
+def validation_key(records: list[Record], settings: dict, template, processor) -> str:
+    """A digest of the records' content, the check's settings, the template, and what of the processor sets lengths."""
+    described = {"version": CACHE_VERSION, "template": template.name, **settings}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     tokenizer = processor.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update(
@@ -219,7 +220,8 @@ def validation_key(records: list[Record], settings: dict, processor) -> str:
 
 def _checked_on_rank0(records: list[Record], settings: dict, processor, template, num_workers: int, cache_dir):
     """Rank 0's outcome of every record: read from the cache, or checked now and cached."""
-    cache = None if cache_dir is None else Path(cache_dir) / f"{validation_key(records, settings, processor)}.json"
+    key = None if cache_dir is None else validation_key(records, settings, template, processor)
+    cache = None if key is None else Path(cache_dir) / f"{key}.json"
     if cache is not None and cache.is_file():
         logger.info("validation of %d records read from %s", len(records), cache)
         return [tuple(result) for result in json.loads(cache.read_text())]
