@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         data = mixture(root / "data", args.records, args.images)
         recipe = load_recipe(args.recipe)
         processor = AutoProcessor.from_pretrained(write_tiny(root / "tiny"))
-        configure_processor(processor, recipe)
+        configure_processor(processor, recipe, recipe.image_aspect_ratio)
         records = read_data(data)
         settings = {
             "template": get_template(recipe.template),

@@ -1,4 +1,5 @@
-"""`llava_ov_manager`: the lmms-eval model for HF LLaVA-OneVision checkpoints, with or without a manager."""
+"""`llava_ov_manager`: the lmms-eval model for HF LLaVA-family checkpoints (LLaVA-1.5, NeXT, NeXT-Video,
+OneVision), with or without a manager."""
 
 from __future__ import annotations
 
@@ -16,12 +17,20 @@ from loguru import logger
 from tqdm import tqdm
 from transformers import AutoProcessor
 
-from llava_integration import QUERY_MASK_KWARG, load_model, manager_of, prepare_inputs, set_image_aspect_ratio
+from llava_integration import (
+    QUERY_MASK_KWARG,
+    family_of,
+    load_model,
+    manager_of,
+    prepare_inputs,
+    set_image_aspect_ratio,
+)
+from llava_integration.processing import image_mode_of
 from llava_integration.query import instruction_query_mask
 
 from .generation import GenerationSettings
 from .likelihood import append_continuations, continuation_scores, positions_from_mask
-from .prompting import chat_prompt, request_images
+from .prompting import chat_prompt, request_media
 
 DTYPES = {
     "float32": torch.float32,
@@ -56,12 +65,15 @@ def resolve_grid(grid: bool | str | None) -> bool | None:
 
 
 class LlavaOvManager(lmms):
-    """LLaVA-OneVision (+ manager) through HF transformers: batched generation, log-likelihoods, multi-image documents.
+    """A LLaVA-family model (+ manager) through HF transformers: batched generation, log-likelihoods, multi-image
+    documents, and video documents on NeXT-Video and OneVision. Any class `llava_integration.FAMILIES` lists; `grid`
+    applies to LLaVA-OneVision only.
 
     Model arguments (`--model_args`): `pretrained` (a merged checkpoint or a base model), `manager` (an adapter
     directory to apply), `dtype` (auto, float32, bfloat16, float16), `attn_implementation` (sdpa, eager,
     flash_attention_2), `grid` (true: AnyRes grids, false: square images; default: the checkpoint's config),
-    `max_new_tokens` (an upper bound on every task's answer length), `device`. The batch size is lmms-eval's
+    `max_new_tokens` (an upper bound on every task's answer length), `max_frames` (frames sampled per video, 8),
+    `device`. The batch size is lmms-eval's
     `--batch_size`.
 
     `loglikelihood` returns the negative log-likelihood: lmms-eval 0.7.3 picks the multiple-choice answer with the
@@ -78,6 +90,7 @@ class LlavaOvManager(lmms):
         attn_implementation: str = "sdpa",
         grid: bool | str | None = None,
         max_new_tokens: int | None = None,
+        max_frames: int | str = 8,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,  # passed by lmms-eval; only meaningful with batch_size=auto
         **unexpected: Any,
@@ -86,12 +99,15 @@ class LlavaOvManager(lmms):
         if unexpected:
             raise ValueError(
                 f"unknown model_args for llava_ov_manager: {sorted(unexpected)}; expected pretrained, manager, device, "
-                "dtype, attn_implementation, grid, max_new_tokens (and lmms-eval's --batch_size)"
+                "dtype, attn_implementation, grid, max_new_tokens, max_frames (and lmms-eval's --batch_size)"
             )
         if str(batch_size).startswith("auto"):
             raise ValueError("llava_ov_manager needs a fixed --batch_size N, not 'auto'")
         self.batch_size_per_device = int(batch_size)
         self.max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
+        self.max_frames = int(max_frames)
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames={max_frames}: expected a positive number of frames per video")
 
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
@@ -106,10 +122,16 @@ class LlavaOvManager(lmms):
         self._model = load_model(pretrained, manager=manager, dtype=dtype, attn_implementation=attn_implementation)
         self._model.to(self._device).eval()
         if grid is not None:
+            if not family_of(self._model)[0].square_images:
+                raise ValueError(
+                    f"grid={grid}: {type(self._model).__name__} has one image mode (its own); grid switches "
+                    "LLaVA-OneVision between AnyRes grids and square images"
+                )
             current = self._model.config.vision_aspect_ratio
             keep = grid and current.startswith("anyres_max_")
             set_image_aspect_ratio(self._model, current if keep else (GRID_ASPECT_RATIO if grid else "square"))
-        self.image_aspect_ratio = self._model.config.vision_aspect_ratio
+        self.image_aspect_ratio = image_mode_of(self._model)
+        self._takes_videos = family_of(self._model)[0].videos
 
         self.processor = AutoProcessor.from_pretrained(pretrained)
         self.tokenizer = self.processor.tokenizer
@@ -151,8 +173,8 @@ class LlavaOvManager(lmms):
             requests, key=lambda request: json.dumps(request.args[1], sort_keys=True, default=str)
         ):
             settings = GenerationSettings.from_task(requests[batch[0]].args[1], self.max_new_tokens)
-            prompts, images = self._prompts_and_images([requests[index] for index in batch])
-            inputs = self._encode(prompts, images)
+            prompts, images, videos = self._prompts_and_media([requests[index] for index in batch])
+            inputs = self._encode(prompts, images, videos)
             query_mask = self._query_mask(inputs["input_ids"], inputs["attention_mask"])
             if query_mask is not None and settings.num_beams > 1:
                 query_mask = query_mask.repeat_interleave(settings.num_beams, dim=0)
@@ -182,12 +204,12 @@ class LlavaOvManager(lmms):
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="llava_ov_manager loglikelihood")
         for batch in self._batches(requests, key=lambda request: ""):
             batch_requests = [requests[index] for index in batch]
-            prompts, images = self._prompts_and_images(batch_requests)
+            prompts, images, videos = self._prompts_and_media(batch_requests)
             continuations = [
                 self.tokenizer(self._continuation(request), add_special_tokens=False)["input_ids"]
                 for request in batch_requests
             ]
-            inputs = self._encode(prompts, images)
+            inputs = self._encode(prompts, images, videos)
             input_ids, attention_mask, lengths = append_continuations(
                 inputs["input_ids"], inputs["attention_mask"], continuations, self.tokenizer.pad_token_id
             )
@@ -224,22 +246,25 @@ class LlavaOvManager(lmms):
         *_, doc_id, task, split = request.args
         return self.task_dict[task][split][doc_id]
 
-    def _prompts_and_images(self, requests: list[Instance]) -> tuple[list[str], list[list]]:
-        prompts, images = [], []
+    def _prompts_and_media(self, requests: list[Instance]) -> tuple[list[str], list[list], list[list]]:
+        prompts, images, videos = [], [], []
         for request in requests:
             context, doc_to_visual = request.args[0], request.args[2]
             where = f"task {request.task_name} document {request.doc_id}"
-            document_images = request_images(doc_to_visual(self._document(request)), where)
-            prompts.append(chat_prompt(self.processor, context, len(document_images), where))
-            images.append(document_images)
-        return prompts, images
+            media = request_media(doc_to_visual(self._document(request)), where, self.max_frames)
+            if media.videos and not self._takes_videos:
+                raise ValueError(f"{where} holds a video, but {type(self._model).__name__} takes no videos")
+            prompts.append(chat_prompt(self.processor, context, len(media.images), where, len(media.videos)))
+            images.append(media.images)
+            videos.append(media.videos)
+        return prompts, images, videos
 
     def _continuation(self, request: Instance) -> str:
         target = request.args[1]
         return target if isinstance(target, str) else target(self._document(request))
 
-    def _encode(self, prompts: list[str], images: list[list]) -> dict[str, Any]:
-        inputs = prepare_inputs(self.processor, prompts, images, self.image_aspect_ratio)
+    def _encode(self, prompts: list[str], images: list[list], videos: list[list]) -> dict[str, Any]:
+        inputs = prepare_inputs(self.processor, prompts, images, self.image_aspect_ratio, videos=videos)
         encoded = {}
         for name, value in inputs.items():
             if isinstance(value, torch.Tensor):

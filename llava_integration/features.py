@@ -1,14 +1,20 @@
-"""Visual features of LLaVA-OneVision for the manager: the selected vision layers, projected and packed like HF packs
-the main feature, so that row i of the result belongs to the i-th visual token the language model receives.
+"""Visual features for the manager: the selected vision layers, projected and packed like HF packs the main feature
+(images) or pooled like HF pools it (video frames), so that row i of the result belongs to the i-th visual token
+the language model receives.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-SQUARE = "square"
+from .image_modes import SQUARE
+
+# (per-image features `(crops, T, C)`, image sizes, newline `(C,)`) -> (per-image packed `(tokens, C)`, lengths)
+Packing = Callable[[list, torch.Tensor, torch.Tensor], tuple[list, torch.Tensor]]
 
 
 def patches_per_image(
@@ -37,13 +43,12 @@ def base_views(pixel_values: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
 
 
-def project_layers(
-    model: nn.Module, hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str
+def stack_layers(
+    hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str
 ) -> torch.Tensor:
-    """Stack the selected vision hidden states and run them through the model's own projector in one call.
+    """The selected vision hidden states as `(num_crops, tokens_per_crop, N, C)`, the CLS token dropped by "default".
 
-    Returns `(num_crops, tokens_per_crop, N, D)`; the layer axis sits before the channels so that folding it into
-    the channels (for packing) is a free view.
+    The layer axis sits before the channels so that folding it into the channels (for packing) is a free view.
     """
     missing = [layer for layer in layers if hidden_states[layer] is None]
     if missing:
@@ -51,27 +56,31 @@ def project_layers(
     stacked = torch.stack([hidden_states[layer] for layer in layers], dim=2)
     if select_strategy == "default":
         stacked = stacked[:, 1:]
-    return model.multi_modal_projector(stacked)
+    return stacked
+
+
+def project_layers(
+    projector: nn.Module, hidden_states: tuple[torch.Tensor | None, ...], layers: list[int], select_strategy: str
+) -> torch.Tensor:
+    """The selected vision hidden states through the model's own projector in one call: `(num_crops, T, N, D)`."""
+    return projector(stack_layers(hidden_states, layers, select_strategy))
 
 
 def pack_like_main_feature(
-    model: nn.Module,
-    experts: torch.Tensor,
-    image_sizes: torch.Tensor,
-    crops: list[int],
-    vision_aspect_ratio: str,
+    model: nn.Module, experts: torch.Tensor, image_sizes: torch.Tensor, crops: list[int], pack: Packing | None
 ) -> tuple[torch.Tensor, list[int]]:
-    """Pack `(num_crops, T, N, D)` per-layer features exactly as HF packs the main feature.
+    """Pack `(num_crops, T, N, D)` per-layer features exactly as HF packs the main feature with `pack`.
 
     HF's `pack_image_features` stitches crops, unpads, bilinearly downsamples (anyres_max) and appends newline
     tokens. All of these act on each channel alone, so the N layers fold into the channel axis and go through that
-    same public method; every layer's newline token is the model's `image_newline`. In square mode each image is its
-    base view, with no newline token. Returns `(num_visual_tokens, N, D)` and the tokens per image.
+    same public method; every layer's newline token is the model's `image_newline`. Without `pack` (LLaVA-1.5,
+    square images) each crop's tokens are the image's, with no newline token. Returns `(num_visual_tokens, N, D)`
+    and the tokens per image.
     """
     num_crops, tokens, layers, hidden = experts.shape
-    if vision_aspect_ratio == SQUARE:
+    if pack is None:
         return experts.reshape(num_crops * tokens, layers, hidden), [tokens] * num_crops
-    rows, lengths = packed_rows(model, image_sizes, crops, tokens, vision_aspect_ratio)
+    rows, lengths = packed_rows(image_sizes, crops, tokens, pack)
     if rows is not None:
         # Packing only selected and reordered tokens: one gather of the N-layer features instead of HF's four
         # copies of them (stitch, newline, base view, images), then the newline rows.
@@ -82,17 +91,12 @@ def pack_like_main_feature(
         return packed, lengths
     folded = experts.reshape(num_crops, tokens, layers * hidden)
     newline = model.image_newline.to(experts.dtype).repeat(layers)
-    packed, lengths = model.pack_image_features(
-        list(torch.split(folded, crops, dim=0)),
-        image_sizes,
-        image_newline=newline,
-        vision_aspect_ratio=vision_aspect_ratio,
-    )
+    packed, lengths = pack(list(torch.split(folded, crops, dim=0)), image_sizes, newline)
     return torch.cat(packed, dim=0).view(-1, layers, hidden), lengths.tolist()
 
 
 def packed_rows(
-    model: nn.Module, image_sizes: torch.Tensor, crops: list[int], tokens: int, vision_aspect_ratio: str
+    image_sizes: torch.Tensor, crops: list[int], tokens: int, pack: Packing
 ) -> tuple[torch.Tensor | None, list[int]]:
     """Which crop token (row of `(num_crops * T)`) HF's packing puts at each visual token, -1 for a newline token.
 
@@ -102,15 +106,34 @@ def packed_rows(
     """
     index = torch.arange(sum(crops) * tokens, dtype=torch.float64)
     probe = torch.stack((index, index * index), dim=-1).view(sum(crops), tokens, 2)
-    packed, lengths = model.pack_image_features(
-        list(torch.split(probe, crops, dim=0)),
-        image_sizes.cpu(),
-        image_newline=torch.tensor([-1.0, 1.0], dtype=torch.float64),
-        vision_aspect_ratio=vision_aspect_ratio,
+    packed, lengths = pack(
+        list(torch.split(probe, crops, dim=0)), image_sizes.cpu(), torch.tensor([-1.0, 1.0], dtype=torch.float64)
     )
     packed = torch.cat(packed, dim=0)
     rows = packed[:, 0] if torch.equal(packed[:, 1], packed[:, 0] ** 2) else None
     return (None if rows is None else rows.long()), lengths.tolist()
+
+
+def video_features(
+    model: nn.Module,
+    frame_features: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    selected: torch.Tensor,
+    num_videos: int,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    newline: bool,
+) -> tuple[torch.Tensor, list[int]]:
+    """Per-layer features of every video token: `(num_video_tokens, N, D)` and the tokens per video.
+
+    `selected` `(videos * frames, T, N, C)` goes through the family's own frame pooling and projection
+    (`frame_features`), gets the layer embedding (`embed`), and each video's frames are laid end to end, closed by
+    the model's `image_newline` in every layer where HF closes the main feature with it (OneVision).
+    """
+    frames = frame_features(model, selected)  # (videos * frames, T', N, D)
+    experts = embed(frames).reshape(num_videos, -1, *frames.shape[2:])  # (videos, frames * T', N, D)
+    if newline:
+        closing = model.image_newline.to(experts.dtype).expand(num_videos, 1, experts.shape[2], -1)
+        experts = torch.cat((experts, closing), dim=1)
+    return experts.reshape(-1, *experts.shape[2:]), [experts.shape[1]] * num_videos
 
 
 def grid_selection(lengths: list[int], base_tokens: int, grid_type: str, device: torch.device) -> torch.Tensor | None:

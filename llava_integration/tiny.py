@@ -3,6 +3,9 @@
 `python -m llava_integration.tiny DIR` writes a directory that `LlavaOnevisionForConditionalGeneration` and
 `AutoProcessor` load with `from_pretrained`: a SigLIP tower, a Qwen2 decoder, a byte-level BPE tokenizer trained on
 an embedded corpus, the Qwen ChatML chat template, and an image processor with AnyRes grid pinpoints (1x1 .. 6x6).
+`--family llava` / `llava_next` writes a tiny LLaVA-1.5 / LLaVA-NeXT instead: a CLIP tower (CLS token, `default`
+select strategy, the second-to-last layer), a Llama decoder, the same tokenizer with a `USER: ... ASSISTANT:` chat
+template, and HF's LLaVA / LLaVA-NeXT processor.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from manager_plugin.bpe import train_byte_level_bpe
+from tiny_tokenizers import train_byte_level_bpe
 
 from .chat_template import CHAT_TEMPLATE
 
@@ -151,10 +154,82 @@ def build_tiny_model(seed: int = 0):
     return model, processor
 
 
-def write_tiny(directory: str | Path, seed: int = 0) -> Path:
-    """Write the tiny model and processor to `directory` in HF format; return the directory."""
+# LLaVA-1.5's conversation (Vicuna v1): no system turn, `USER: ` and `ASSISTANT: ` turns, images first in a turn.
+VICUNA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ ' ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_clip_llama_model(family: str, seed: int = 0):
+    """A tiny LLaVA-1.5 (`family` "llava") or LLaVA-NeXT ("llava_next") and its processor, in memory."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
+
+    if family not in ("llava", "llava_next"):
+        raise ValueError(f"unknown tiny family {family!r}: expected 'llava' or 'llava_next'")
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = VICUNA_TEMPLATE
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2, image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    common = {
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
+    }
+    sizes = {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
+    normalise = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    reading = {"patch_size": PATCH_SIZE, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    pinpoints = [[IMAGE_SIZE * rows, IMAGE_SIZE * cols] for rows in (1, 2) for cols in (1, 2)]  # up to 2x2 crops
+    if family == "llava":
+        config, model_class = LlavaConfig(**common), LlavaForConditionalGeneration
+        processor = LlavaProcessor(
+            CLIPImageProcessor(**sizes, **normalise), tokenizer, chat_template=VICUNA_TEMPLATE, **reading
+        )
+    else:
+        config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
+        model_class = LlavaNextForConditionalGeneration
+        processor = LlavaNextProcessor(
+            LlavaNextImageProcessor(**sizes, **normalise, image_grid_pinpoints=pinpoints),
+            tokenizer,
+            chat_template=VICUNA_TEMPLATE,
+            **reading,
+        )
+    torch.manual_seed(seed)
+    return model_class(config).eval(), processor
+
+
+TINY_FAMILIES = ("llava_onevision", "llava", "llava_next")
+
+
+def write_tiny(directory: str | Path, seed: int = 0, family: str = "llava_onevision") -> Path:
+    """Write the tiny model of `family` and its processor to `directory` in HF format; return the directory."""
     directory = Path(directory)
-    model, processor = build_tiny_model(seed)
+    model, processor = build_tiny_model(seed) if family == "llava_onevision" else build_clip_llama_model(family, seed)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -165,9 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="where to write the tiny model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=TINY_FAMILIES, default="llava_onevision")
     args = parser.parse_args(argv)
-    path = write_tiny(args.directory, args.seed)
-    print(f"wrote the tiny LLaVA-OneVision to {path}")
+    path = write_tiny(args.directory, args.seed, args.family)
+    print(f"wrote the tiny {args.family} model to {path}")
 
 
 if __name__ == "__main__":

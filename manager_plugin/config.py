@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 GRID_TYPES = ("all", "main", "grid")
+MODALITIES = ("images", "videos", "both")
 CONFIG_NAME = "manager_config.json"
 
 
@@ -37,6 +38,9 @@ class ManagerConfig:
     `vision_layers` are hidden-state indices of the vision tower (0 = embeddings), `injection_layers` are indices of
     the decoder layers whose input receives the manager's output. Either may be left `None`; `resolve` fills them in
     from the model (the paper's defaults: the top half of the tower below its main feature, every 4th decoder layer).
+    `modalities` says whose visual tokens the manager serves (images, video frames, or both); `model_family` names
+    the model family (HF `model_type`) the manager was made for, filled in when it is applied, so that an adapter
+    refuses a model of another family.
     """
 
     vision_layers: list[int] | None = None
@@ -45,6 +49,8 @@ class ManagerConfig:
     grid_type: str = "all"
     jitter: float = 0.01
     hidden_size: int | None = None
+    modalities: str = "both"
+    model_family: str | None = None
     injection_interval: int = field(default=4, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +62,10 @@ class ManagerConfig:
             raise ValueError(f"unknown manager_type {self.manager_type!r}: expected one of {sorted(MANAGER_TYPES)}")
         if self.grid_type not in GRID_TYPES:
             raise ValueError(f"unknown grid_type {self.grid_type!r}: expected one of {list(GRID_TYPES)}")
+        if self.modalities not in MODALITIES:
+            raise ValueError(f"unknown modalities {self.modalities!r}: expected one of {list(MODALITIES)}")
+        if self.model_family is not None and (not isinstance(self.model_family, str) or not self.model_family):
+            raise ValueError(f"model_family must be a model type name or None, got {self.model_family!r}")
         if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)) or not 0 <= self.jitter < 1:
             raise ValueError(f"jitter must be a number in [0, 1), got {self.jitter!r}")
         self.jitter = float(self.jitter)

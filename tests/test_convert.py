@@ -39,7 +39,7 @@ from llava_integration.conversion.vision_tower import full_tower_config, tower_n
 from llava_integration.patch import resolve_manager_config
 from llava_integration.tiny import CORPUS_WORDS
 from manager_plugin import LayerManagers
-from manager_plugin.bpe import train_byte_level_bpe
+from tiny_tokenizers import train_byte_level_bpe
 
 VISION = {
     "hidden_size": 32,
@@ -505,6 +505,8 @@ def test_manager_adapter_translates_the_config_field_by_field(converted):
         "grid_type": "all",
         "jitter": 0.01,
         "hidden_size": 64,
+        "modalities": "both",
+        "model_family": "llava_onevision",
         "injection_interval": 4,
     }
     weights = load_file(destination / "manager.safetensors")

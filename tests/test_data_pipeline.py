@@ -86,7 +86,8 @@ def test_a_record_without_placeholder_gets_its_images_before_the_first_user_turn
 
 @pytest.mark.parametrize("recipe", ["stage2_manager", "stage2_manager_nogrid"])
 def test_collator_matches_prepare_inputs_and_labels_only_the_answers(tiny_dir, processor, recipe):
-    configure_processor(processor, load_recipe(recipe))
+    loaded = load_recipe(recipe)
+    configure_processor(processor, loaded, loaded.image_aspect_ratio)
     aspect = load_recipe(recipe).image_aspect_ratio
     images = [[random_image(40, 90, 0)], [random_image(64, 32, 1), random_image(32, 32, 2)], []]
     recs = [

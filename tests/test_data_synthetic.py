@@ -37,7 +37,7 @@ def test_every_stage_mixture_is_valid_and_holds_text_only_multi_image_and_severa
     for stage, recipe_name in (("stage1", "stage1"), ("stage1.5", "stage1.5"), ("stage2", "stage2")):
         recipe = load_recipe(recipe_name)
         processor = AutoProcessor.from_pretrained(tiny_dir)
-        configure_processor(processor, recipe)
+        configure_processor(processor, recipe, recipe.image_aspect_ratio)
         records = read_data(dataset / f"{stage}.yaml")
         checked = validate_data(
             records,

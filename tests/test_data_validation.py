@@ -226,7 +226,7 @@ def test_decode_check_catches_what_verify_cannot(data_dir, processor):
 @pytest.mark.parametrize("recipe", ["stage1", "stage2", "stage2_nogrid"])
 def test_measured_lengths_are_the_collated_lengths(data_dir, processor, recipe):
     recipe = load_recipe(recipe)
-    configure_processor(processor, recipe)
+    configure_processor(processor, recipe, recipe.image_aspect_ratio)
     records = [
         {"id": "wide", "image": "img1.png", "conversations": QA},
         {"id": "square", "image": "img0.png", "conversations": QA},

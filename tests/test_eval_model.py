@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import random_image
 from lmms_eval.api.instance import GenerationResult, Instance
-from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+from transformers import AutoProcessor
 
 from eval.model import LlavaOvManager
 from llava_integration import (
@@ -34,7 +34,7 @@ DOCUMENTS = [
 def build_checkpoint(tiny_dir, directory, manager_type="static", seed=0):
     """The tiny model with a manager whose weights are all non-zero, saved as a merged checkpoint."""
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    model = load_model(tiny_dir, dtype=torch.float32).eval()
     apply_manager(model, ManagerConfig(manager_type=manager_type))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -247,3 +247,105 @@ def test_model_arguments(tiny_dir, static_checkpoint, tmp_path):
         LlavaOvManager(pretrained=str(tiny_dir), device="cpu", grid="sometimes")
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         LlavaOvManager(pretrained=str(tiny_dir), device="cpu", dtype="float8")
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_llava_1_5_and_next_checkpoints_evaluate_like_one_request_at_a_time(family, tmp_path):
+    from llava_integration.processing import image_mode_of
+    from llava_integration.tiny import write_tiny
+
+    base = write_tiny(tmp_path / "base", family=family)
+    checkpoint = build_checkpoint(base, tmp_path / "merged")
+    settings = {"max_new_tokens": 4, "do_sample": False}
+    evaluated = evaluation_model(checkpoint, batch_size=3)
+    answers = evaluated.generate_until(
+        requests("generate_until", lambda i, doc: (doc["text"], dict(settings), visuals, i, TASK, SPLIT))
+    )
+    assert evaluated.image_aspect_ratio is None  # the processor's own image mode
+
+    reference = load_model(checkpoint, dtype=torch.float32).eval()
+    assert manager_of(reference).config.model_family == family
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    expected = []
+    for document in documents():
+        prompt = reference_prompt(processor, document)
+        inputs = prepare_inputs(processor, [prompt], [document["images"]], image_mode_of(reference))
+        with torch.no_grad():
+            output = reference.generate(**inputs, max_new_tokens=4, do_sample=False)
+        expected.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    assert answers == expected
+    with pytest.raises(ValueError, match="grid=True: .* has one image mode"):
+        LlavaOvManager(pretrained=str(checkpoint), dtype="float32", device="cpu", grid="true")
+
+
+def write_video(path, frames=6, seed=0):
+    """A short random mp4 (64x64, mpeg4) written with PyAV."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            image = (rng.random((64, 64, 3)) * 255).astype("uint8")
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def test_video_documents_evaluate_like_one_request_at_a_time(static_checkpoint, tmp_path):
+    from lmms_eval.models.model_utils.load_video import read_video
+
+    video = write_video(tmp_path / "clip.mp4")
+    docs = [
+        {"text": "What happens in the video?", "visuals": [video]},
+        {"text": "What colour is the shape?", "visuals": [random_image(40, 90, seed=3)]},
+        {"text": "Describe both.", "visuals": [random_image(64, 64, seed=4), video]},
+    ]
+    evaluated = LlavaOvManager(
+        pretrained=str(static_checkpoint), dtype="float32", device="cpu", batch_size=3, max_frames=4
+    )
+    evaluated.task_dict = {TASK: {SPLIT: docs}}
+    settings = {"max_new_tokens": 4, "do_sample": False}
+    requests = [
+        Instance(
+            request_type="generate_until",
+            arguments=(doc["text"], dict(settings), lambda d: d["visuals"], index, TASK, SPLIT),
+            idx=0,
+            metadata={"task": TASK, "doc_id": index, "repeats": 1},
+        )
+        for index, doc in enumerate(docs)
+    ]
+    answers = evaluated.generate_until(requests)
+
+    reference = load_model(static_checkpoint, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(static_checkpoint)
+    expected = []
+    for doc in docs:
+        images = [v for v in doc["visuals"] if not isinstance(v, str)]
+        videos = [read_video(v, num_frm=4) for v in doc["visuals"] if isinstance(v, str)]
+        content = [{"type": "video"}] * len(videos) + [{"type": "image"}] * len(images)
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [*content, {"type": "text", "text": doc["text"]}]}], add_generation_prompt=True
+        )
+        inputs = prepare_inputs(processor, [prompt], [images], "anyres_max_9", videos=[videos])
+        assert (inputs["input_ids"] == reference.config.video_token_id).any() == bool(videos)
+        with torch.no_grad():
+            output = reference.generate(**inputs, max_new_tokens=4, do_sample=False)
+        expected.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    assert answers == expected
+
+
+def test_documents_give_images_and_sampled_video_frames_and_refuse_anything_else(tmp_path):
+    from eval.prompting import request_media
+
+    video = write_video(tmp_path / "clip.mp4", frames=6)
+    media = request_media([random_image(20, 30), video], "doc 0", num_frames=3)
+    assert [image.size for image in media.images] == [(30, 20)]
+    assert [frames.shape for frames in media.videos] == [(3, 64, 64, 3)]
+    with pytest.raises(TypeError, match=r"doc 1: llava_ov_manager takes images and video files .* got a dict"):
+        request_media([{"array": [0.0], "sampling_rate": 16000}], "doc 1", num_frames=3)

@@ -400,7 +400,7 @@ def test_bad_adapters_leave_the_model_untouched(tiny_dir, tiny_model, tmp_path):
     assert_untouched(tiny_model)
 
 
-def test_models_other_than_llava_onevision_are_refused():
+def test_models_outside_the_llava_family_are_refused():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     model = Qwen2ForCausalLM(
@@ -413,7 +413,11 @@ def test_models_other_than_llava_onevision_are_refused():
             num_key_value_heads=1,
         )
     )
-    with pytest.raises(TypeError, match="expected a LlavaOnevisionForConditionalGeneration .* got Qwen2ForCausalLM"):
+    supported = (
+        "LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaNextVideoForConditionalGeneration, "
+        "LlavaOnevisionForConditionalGeneration"
+    )
+    with pytest.raises(TypeError, match=f"expected one of {supported} .* got Qwen2ForCausalLM"):
         apply_manager(model)
     assert not any("manager" in name for name, _ in model.named_parameters())
 
@@ -453,14 +457,18 @@ def test_instruction_query_mask_marks_the_text_of_the_user_turn_holding_the_imag
 @pytest.mark.parametrize("sizes, gathered", [([(64, 64)], True), ([(33, 200), (64, 64)], True), ([(190, 190)], False)])
 def test_manager_features_are_packed_exactly_as_hf_packs_each_layer(tiny_model, tiny_processor, sizes, gathered):
     """Packing by row gather (no downsampling) or by HF's packing (downsampled) equals HF packing each layer alone."""
+    from functools import partial
+
+    from llava_integration.families import onevision_pack
     from llava_integration.features import pack_like_main_feature, packed_rows, patches_per_image
 
     inner = tiny_model.model
     inputs = make_inputs(tiny_processor, "anyres_max_9", [[size] for size in sizes])
     crops = patches_per_image(inner.config, inputs["image_sizes"], inputs["batch_num_images"], "anyres_max_9")
-    assert (packed_rows(inner, inputs["image_sizes"], crops, 16, "anyres_max_9")[0] is not None) == gathered
+    pack = partial(onevision_pack, inner, strategy="full", image_mode="anyres_max_9")
+    assert (packed_rows(inputs["image_sizes"], crops, 16, pack)[0] is not None) == gathered
     experts = torch.randn(sum(crops), 16, 3, 64)
-    packed, _ = pack_like_main_feature(inner, experts, inputs["image_sizes"], crops, "anyres_max_9")
+    packed, _ = pack_like_main_feature(inner, experts, inputs["image_sizes"], crops, pack)
     with torch.no_grad():
         reference = [
             torch.cat(
@@ -474,3 +482,27 @@ def test_manager_features_are_packed_exactly_as_hf_packs_each_layer(tiny_model, 
             for n in range(3)
         ]
     assert torch.equal(packed, torch.stack(reference, dim=1))
+
+
+def test_square_images_and_videos_share_a_batch(tiny_model, tiny_processor):
+    """Square mode: the images' tokens are expanded by `prepare_inputs`, the videos' as the processor counts them."""
+    import numpy as np
+
+    set_image_aspect_ratio(tiny_model, "square")
+    content = [{"type": "video"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
+    texts = [
+        tiny_processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True),
+        tiny_processor.apply_chat_template([{"role": "user", "content": "Say yes."}], add_generation_prompt=True),
+    ]
+    frames = (np.random.default_rng(0).random((4, 48, 48, 3)) * 255).astype("uint8")
+    inputs = prepare_inputs(tiny_processor, texts, [[random_image(30, 50)], []], "square", videos=[[frames], []])
+    ids = inputs["input_ids"]
+    assert int((ids == tiny_model.config.image_token_id).sum()) == 16  # one 32 px crop, no newline
+    assert int((ids == tiny_model.config.video_token_id).sum()) == 4 * 2 * 2 + 1  # 4 pooled frames, a newline
+    base = logits(tiny_model, inputs)
+    apply_manager(tiny_model)
+    assert torch.equal(logits(tiny_model, inputs), base)
+    randomise_managers(tiny_model)
+    delta = streams_entering(tiny_model, inputs, [0], False)[0] - streams_entering(tiny_model, inputs, [0], True)[0]
+    visual = (ids == tiny_model.config.image_token_id) | (ids == tiny_model.config.video_token_id)
+    assert torch.equal(delta.abs().amax(-1) > 0, visual)

@@ -1,29 +1,37 @@
 """The authors' ManagerTower / BridgeTower Lightning checkpoints -> HF: outputs equal the original formulas, round
 trips are lossless, bad checkpoints fail clearly and write nothing.
 
-Synthetic checkpoints are built in the original layout (keys, shapes, sacred config) by renaming a randomised tiny
-ManagerTower's weights with the inverse mapping written here; the reference forward below runs on the original
-state dict with the original code's formulas, in plain torch.
+Synthetic checkpoints are built as the authors' code builds them: their modules' layout and buffers (RoBERTa's
+persistent `position_ids` under transformers 4.17), randomised, saved as PyTorch-Lightning 1.5.10 saves them (the
+sacred config as `hyper_parameters = {"config": ...}`). The reference forward below runs on that original state dict
+with the original code's formulas, in plain torch; an inverse mapping written here checks the round trip.
 """
 
 from __future__ import annotations
 
 import json
+import lzma
 import math
+import re
+from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from torch import nn
 from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
     AutoTokenizer,
     BridgeTowerForImageAndTextRetrieval,
     BridgeTowerForMaskedLM,
+    BridgeTowerImageProcessor,
     RobertaConfig,
     RobertaModel,
 )
 
-from manager_plugin.managertower import TASK_HEADS, ManagerTowerConfig, ManagerTowerModel
+from manager_plugin.managertower import TASK_HEADS, ManagerTowerConfig, ManagerTowerModel, ManagerTowerProcessor
 from manager_plugin.managertower.conversion import ConversionError, convert_lightning_checkpoint
 from manager_plugin.managertower.convert import main
 from manager_plugin.managertower.tiny import build_tokenizer
@@ -48,102 +56,210 @@ TASK_LOSSES = {
 
 
 def hparams(model_type: str = "MT", head: str = "pretrain", **overrides) -> dict:
-    """A sacred config as the authors' `src/config.py` (+ named configs) would give, for the tiny sizes."""
+    """The whole sacred config the authors' `run.py` hands their module (`src/config.py` defaults, then the named
+    configs `mt`/`bt`, `clip16`, `text_roberta` and a task), at the tiny sizes; what `save_hyperparameters` keeps."""
     losses = dict.fromkeys(("itm", "mlm", "itc", "itm_itc", "irtr_itm_itc", "vqa", "nlvr2", "irtr", "snli"), 0)
     losses.update(TASK_LOSSES[head])
     config = {
-        "exp_name": model_type,
-        "seed": 0,
-        "datasets": ["vqa"],
-        "loss_names": losses,
-        "batch_size": 512,
-        "image_size": IMAGE,
-        "patch_size": PATCH,
-        "vqav2_label_size": 5,
-        "max_text_len": 40,
-        "tokenizer": "roberta-base",
-        "vocab_size": VOCAB,
-        "input_image_embed_size": WIDTH,
-        "input_text_embed_size": WIDTH,
-        "vit": "CLIP-ViT-B/16",
-        "hidden_size": WIDTH,
-        "num_heads": HEADS,
-        "num_layers": CROSS,
-        "mlp_ratio": 4,
-        "drop_rate": 0.1,
-        "learning_rate": 1e-5,
-        "load_path": "",
-        "model_type": model_type,
-        "vit_layernorm_shared": True,
-        "vit_remove_last": False,
-        "task_head_layers": 2,
-        "head_hidden_scale": 2,
-        "task_threshold": 0,
-        "nlvr2_drop_rate": 0.1,
-        "temperature": 0.07,
-        "contrastive_hidden_size": 16,
-    }
-    if model_type == "MT":
-        config.update(
-            manager_type="AAUE",
-            managed_layers_text=MANAGED,
-            managed_layers_image=MANAGED,
-            manager_learnable=True,
-            manager_weight_type="vector",
-            manager_softmax_temperature=1,
-            manager_softmax_temperature_learnable=True,
-        )
+        "root_dir": "~/MT", "data_root": "~/MT/dataset/fine-tune", "log_dir": "~/MT/logs",
+        "output_dir": "~/MT/checkpoints", "load_path": "./best_checkpoints/ManagerTower_pt_base.ckpt", "num_gpus": 8,
+        "num_nodes": 1, "num_workers": 8, "precision": 32, "per_gpu_batchsize": 4, "per_gpu_eval_batchsize": 16,
+        "exp_name": model_type, "group_name": "vqa", "run_name": "ftfpt-576-4-16", "resume_from": None,
+        "fast_dev_run": False, "val_check_interval": 1.0, "test_only": False, "log_every_n_steps": 50, "seed": 0,
+        "datasets": ["vqa"], "loss_names": losses, "batch_size": 504,
+        # Pre-training uses `clip`; the fine-tuning scripts name `albef_randaug_wohf`, evaluated with `albef`.
+        "train_transform_keys": ["clip"] if head == "pretrain" else ["albef_randaug_wohf"],
+        "val_transform_keys": ["clip"] if head == "pretrain" else ["albef"], "image_size": IMAGE, "patch_size": PATCH, "draw_false_image": 0,
+        "image_only": False, "resolution_before": 224, "vqav2_label_size": 5, "max_text_len": 50,
+        "tokenizer": "roberta-base", "vocab_size": VOCAB, "whole_word_masking": False, "mlm_prob": 0.15,
+        "draw_false_text": 0, "input_image_embed_size": WIDTH, "input_text_embed_size": WIDTH,
+        "vit": "CLIP-ViT-B/16", "hidden_size": WIDTH, "num_heads": HEADS, "num_layers": CROSS, "mlp_ratio": 4,
+        "drop_rate": 0.1, "optim_type": "adamw", "learning_rate": 9e-6, "weight_decay": 0.06, "decay_power": 1,
+        "max_epoch": 10, "max_steps": -1, "warmup_steps": 0.1, "end_lr": 0, "lr_mult_head": 50,
+        "lr_mult_cross_modal": 5, "get_recall_metric": False, "debug_num": 0, "meter_fusion": False,
+        "vit_remove_last": False, "model_type": model_type, "vit_layernorm_shared": True,
+        "vit_layernorm_init_from_vit": False, "task_head_layers": 2, "head_hidden_scale": 2,
+        "per_gpu_eval_batchsize_text": 256, "per_gpu_eval_batchsize_image": 128,
+        "per_gpu_eval_batchsize_fusion_text": 500, "k_test": 128, "amp_flag": True, "task_threshold": 0,
+        "nlvr2_drop_rate": 0.1, "temperature": 0.07, "contrastive_hidden_size": 16, "gather_all_inputs": False,
+        "gather_global_negative": False, "gather_all_image_inputs": False, "image_chunks": 1, "text_chunks": 1,
+        "save_memory": False, "manager_type": "AAUE", "managed_layers_text": MANAGED,
+        "managed_layers_image": MANAGED, "manager_learnable": True, "manager_weight_type": "vector",
+        "manager_softmax_temperature": 1, "manager_softmax_temperature_learnable": True,
+    }  # fmt: skip
     config.update(overrides)
     return config
 
 
-def source_model(head: str, manager_type: str, weight_type: str = "vector", seed: int = 0):
-    """A tiny ManagerTower (or head) with every weight random, so a misplaced tensor shows in the outputs."""
-    config = ManagerTowerConfig(
-        hidden_size=WIDTH,
-        num_hidden_layers=CROSS,
-        num_attention_heads=HEADS,
-        intermediate_size=4 * WIDTH,
-        num_token_types=3 if head == "nlvr2" else 2,
-        manager_type=manager_type,
-        num_managed_layers=CROSS if manager_type == "bridge" else MANAGED,
-        contrastive_hidden_size=16,
-        head_hidden_scale=2,
-        num_labels=5,
-        text_config={
-            "vocab_size": VOCAB,
-            "hidden_size": WIDTH,
-            "num_hidden_layers": LAYERS,
-            "num_attention_heads": WIDTH // 64,
-            "intermediate_size": 4 * WIDTH,
-            "max_position_embeddings": 40,
-            "type_vocab_size": 1,
-            "layer_norm_eps": LN_EPS,
-            "pad_token_id": 1,
-        },
-        vision_config={
-            "hidden_size": WIDTH,
-            "intermediate_size": 4 * WIDTH,
-            "num_hidden_layers": LAYERS,
-            "num_attention_heads": WIDTH // 64,
-            "image_size": IMAGE,
-            "patch_size": PATCH,
-            "hidden_act": "quick_gelu",
-        },
+# ----------------------------------------------------------------------------------------------------------------
+# The authors' modules, as their code lays them out (`src/modules/mt_module.py`, `bt_module.py`, `heads.py`,
+# `clip_model.py`, `bert_model.py`), with the buffers transformers 4.17 registers: written here from reading that
+# code, independently of the converter. Only what shapes the state dict is kept; the forward is `reference` below.
+
+
+def _module(**children: nn.Module | nn.Parameter) -> nn.Module:
+    """A module holding `children` under their names (parameters as parameters)."""
+    module = nn.Module()
+    for name, child in children.items():
+        setattr(module, name, child)
+    return module
+
+
+def _fc(width: int, out: int) -> nn.Module:
+    return _module(fc=nn.Linear(width, out))  # heads.ITMHead / ITCHead
+
+
+def _attention_module(width: int, eps: float) -> nn.Module:
+    # bert_model.BertAttention: BertSelfAttention (query, key, value) and BertSelfOutput (dense, LayerNorm).
+    attention = _module(query=nn.Linear(width, width), key=nn.Linear(width, width), value=nn.Linear(width, width))
+    return _module(self=attention, output=_module(dense=nn.Linear(width, width), LayerNorm=nn.LayerNorm(width, eps)))
+
+
+def _cross_layer_module(width: int, mlp: int, eps: float) -> nn.Module:
+    return _module(
+        attention=_attention_module(width, eps),
+        crossattention=_attention_module(width, eps),
+        intermediate=_module(dense=nn.Linear(width, mlp)),
+        output=_module(dense=nn.Linear(mlp, width), LayerNorm=nn.LayerNorm(width, eps)),
     )
-    torch.manual_seed(seed)
-    model = (ManagerTowerModel if head == "base" else TASK_HEADS[head])(config).eval()
+
+
+def _clip_module(width: int, layers: int, patch: int, resolution: int) -> nn.Module:
+    """clip_model.CLIP as `build_model` makes it: the visual tower plus the text tower's leftovers."""
+    blocks = nn.Sequential(*[
+        _module(
+            attn=nn.MultiheadAttention(width, width // 64),
+            ln_1=nn.LayerNorm(width),
+            mlp=nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.Identity(),
+                                          c_proj=nn.Linear(4 * width, width))),
+            ln_2=nn.LayerNorm(width),
+        )
+        for _ in range(layers)
+    ])  # fmt: skip
+    visual = _module(
+        conv1=nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False),
+        class_embedding=nn.Parameter(torch.zeros(width)),
+        positional_embedding=nn.Parameter(torch.zeros((resolution // patch) ** 2 + 1, width)),
+        ln_pre=nn.LayerNorm(width),
+        transformer=_module(resblocks=blocks),
+        ln_post=nn.LayerNorm(width),
+    )
+    return _module(visual=visual, positional_embedding=nn.Parameter(torch.zeros(16, 64)), ln_final=nn.LayerNorm(64))
+
+
+def _roberta_4_17() -> nn.Module:
+    """`RobertaModel.from_pretrained` under transformers 4.17: with its pooler, and `position_ids` a persistent
+    buffer (saved with the weights); `token_type_ids` is not persistent there."""
+    config = RobertaConfig(
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=WIDTH // 64,
+        intermediate_size=4 * WIDTH, max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=LN_EPS,
+    )  # fmt: skip
+    roberta = RobertaModel(config, add_pooling_layer=True)
+    embeddings = roberta.embeddings
+    embeddings.register_buffer("position_ids", torch.arange(40).expand((1, -1)), persistent=True)
+    return roberta
+
+
+def _saue_module(config: dict, experts: int, layer: int) -> nn.Module:
+    rows, width = experts + (layer > 0), 1 if config["manager_weight_type"] == "scalar" else config["hidden_size"]
+    return _module(
+        layer_scores=nn.Parameter(torch.zeros(1, rows, 1, width)),
+        LayerNorm=nn.ModuleList(nn.LayerNorm(config["hidden_size"]) for _ in range(rows)),
+        softmax_temperature=nn.Parameter(torch.ones(1)),
+        softmax_temperature_cross=nn.Parameter(torch.ones(1)),
+    )
+
+
+def _aaue_module(config: dict, experts: int) -> nn.Module:
+    hidden = config["hidden_size"]
+    width = 1 if config["manager_weight_type"] == "scalar" else hidden
+    return _module(
+        layer_scores_cross=nn.Parameter(torch.zeros(1, 1, 1, width)),
+        linear_controller=nn.Linear(2 * hidden, experts),
+        fusion_attention=_module(q_proj=nn.Linear(hidden, hidden), k_proj=nn.Linear(hidden, hidden)),
+        LayerNorm=nn.ModuleList(nn.LayerNorm(hidden) for _ in range(experts + 1)),
+        extra_query_LayerNorm=nn.LayerNorm(hidden),
+        softmax_temperature=nn.Parameter(torch.ones(1)),
+        softmax_temperature_cross=nn.Parameter(torch.ones(1)),
+    )
+
+
+def _classifier_head(width: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+def original_module(config: dict) -> nn.Module:
+    """The authors' `MTTransformer` / `BTTransformer` built from their sacred config (modules in their order)."""
+    hs, layers, tasks = config["hidden_size"], config["num_layers"], config["loss_names"]
+    mlp, eps = hs * config["mlp_ratio"], ORIGINAL_EPS  # their cross layers' RobertaConfig keeps BertConfig's eps
+    model = nn.Module()
+    model.cross_modal_text_transform = nn.Linear(config["input_text_embed_size"], hs)
+    model.cross_modal_image_transform = nn.Linear(config["input_image_embed_size"], hs)
+    model.token_type_embeddings = nn.Embedding(2, hs)
+    model.vit_model = _clip_module(WIDTH, LAYERS, config["patch_size"], config["image_size"])
+    model.text_transformer = _roberta_4_17()
+    model.cross_modal_image_layers = nn.ModuleList(_cross_layer_module(hs, mlp, eps) for _ in range(layers))
+    model.cross_modal_text_layers = nn.ModuleList(_cross_layer_module(hs, mlp, eps) for _ in range(layers))
+    model.cross_modal_image_pooler = _module(dense=nn.Linear(hs, hs))
+    model.cross_modal_text_pooler = _module(dense=nn.Linear(hs, hs))
+    model.temperature = nn.Parameter(torch.ones([]) * config["temperature"])
+    if tasks["mlm"] > 0:
+        transform = _module(dense=nn.Linear(hs, hs), LayerNorm=nn.LayerNorm(hs, eps))
+        model.mlm_score = _module(
+            transform=transform,
+            decoder=nn.Linear(hs, config["vocab_size"], bias=False),
+            bias=nn.Parameter(torch.zeros(config["vocab_size"])),
+        )
+    if tasks["itm"] > 0 or tasks["itm_itc"] > 0 or tasks["irtr_itm_itc"] > 0:
+        model.itm_score = _fc(2 * hs, 2)
+    if tasks["itc"] > 0 or tasks["itm_itc"] > 0 or tasks["irtr_itm_itc"] > 0:
+        itc = "cross_modal_itc" if config["model_type"] == "MT" else "itc"  # BridgeTower's repository: `itc_*_head`
+        setattr(model, f"{itc}_text_head", _fc(hs, config["contrastive_hidden_size"]))
+        setattr(model, f"{itc}_image_head", _fc(hs, config["contrastive_hidden_size"]))
+    if config["model_type"] == "MT":
+        model.layer_embeddings_text = nn.Embedding(LAYERS, hs)
+        model.layer_embeddings_image = nn.Embedding(LAYERS, hs)
+        for modality in ("text", "image"):
+            experts = config[f"managed_layers_{modality}"]
+            tower = nn.ModuleList(
+                _module(manager_layer=_aaue_module(config, experts))
+                if config["manager_type"] == "AAUE" and layer > 0
+                else _module(manager_layer=_saue_module(config, experts, layer))
+                for layer in range(layers)
+            )
+            setattr(model, f"cross_modal_{modality}_manager_tower", tower)
+    else:
+        model.cross_modal_text_layernorm = nn.LayerNorm(hs)
+        model.cross_modal_image_layernorm = nn.LayerNorm(hs)
+        model.cross_modal_text_link_tower = nn.ModuleList(
+            _module(LayerNorm=nn.LayerNorm(hs)) for _ in range(layers - 1)
+        )
+        model.cross_modal_image_link_tower = nn.ModuleList(
+            _module(LayerNorm=nn.LayerNorm(hs)) for _ in range(layers - 1)
+        )
+    scale = config["head_hidden_scale"]
+    if tasks["vqa"] > 0:
+        model.vqa_classifier = _classifier_head(2 * hs, 2 * hs * scale, config["vqav2_label_size"])
+    if tasks["nlvr2"] > 0:
+        model.nlvr2_classifier = _classifier_head(4 * hs, 2 * hs * scale, 2)
+        model.nlvr2_classifier_dropout = nn.Dropout(config["nlvr2_drop_rate"])
+        model.token_type_embeddings = nn.Embedding(3, hs)  # rebuilt with a third row (a copy of the image row)
+    if tasks["snli"] > 0:
+        model.snli_classifier = _classifier_head(2 * hs, 2 * hs * scale, 3)
+    return model
+
+
+def randomise(model: nn.Module, seed: int) -> nn.Module:
+    """Every parameter random (temperatures positive, LayerNorm gains near 1), so a misplaced tensor shows."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             noise = torch.randn(parameter.shape, generator=generator)
             if name.endswith("temperature"):
                 parameter.copy_(0.5 + noise.abs().clamp(max=1.5))
-            elif "layer_scores" in name or "previous_scale" in name:
-                if weight_type == "scalar":  # one score per expert, shared by every channel
-                    noise = noise[..., :1].expand_as(noise)
+            elif "layer_scores" in name:
                 parameter.copy_(noise)
-            elif parameter.dim() == 1 and "norm" in name.lower() and name.endswith("weight"):
+            elif re.search(r"(norm|ln_\w+)\.weight$", name, flags=re.IGNORECASE):
                 parameter.copy_(1 + 0.2 * noise)
             elif parameter.dim() == 1:
                 parameter.copy_(0.1 * noise)
@@ -152,21 +268,48 @@ def source_model(head: str, manager_type: str, weight_type: str = "vector", seed
     return model
 
 
+def lightning_checkpoint(state_dict: dict, config: dict | None) -> dict:
+    """What PyTorch-Lightning 1.5.10's `dump_checkpoint` writes for the authors' module (`ModelCheckpoint`, AdamW
+    with a polynomial-decay LambdaLR, fp32), `hyper_parameters` as `save_hyperparameters()` in `__init__(config)`
+    keeps them."""
+    callback = "ModelCheckpoint{'monitor': 'val/the_metric', 'mode': 'max', 'every_n_train_steps': 0, " + (
+        "'every_n_epochs': 1, 'train_time_interval': None, 'save_on_train_epoch_end': True}"
+    )
+    checkpoint = {
+        "epoch": 3,
+        "global_step": 120,
+        "pytorch-lightning_version": "1.5.10",
+        "state_dict": OrderedDict(state_dict),
+        "callbacks": {
+            callback: {
+                "monitor": "val/the_metric", "best_model_score": torch.tensor(0.71), "best_model_path": "a.ckpt",
+                "current_score": torch.tensor(0.71), "dirpath": "~/MT/checkpoints", "best_k_models": {},
+                "kth_best_model_path": "", "kth_value": torch.tensor(-float("inf")), "last_model_path": "",
+            }
+        },
+        "optimizer_states": [{
+            "state": {0: {"step": 120, "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}},
+            "param_groups": [{"lr": 9e-6, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.06,
+                              "correct_bias": True, "initial_lr": 9e-6, "params": [0]}],
+        }],
+        "lr_schedulers": [{
+            "base_lrs": [9e-6], "last_epoch": 120, "verbose": False, "_step_count": 121,
+            "_get_lr_called_within_step": False, "_last_lr": [8e-6], "lr_lambdas": [None],
+        }],
+    }  # fmt: skip
+    if config is not None:
+        checkpoint["hparams_name"] = "kwargs"
+        checkpoint["hyper_parameters"] = {"config": config}
+    return checkpoint
+
+
 def to_original(model, model_type: str, weight_type: str = "vector", itc_prefix: str = "cross_modal_itc") -> dict:
-    """The state dict the authors' code would hold for `model`: the inverse of the conversion, written apart."""
+    """The original tensors a converted `model` holds, named and shaped as the authors' code names them: the inverse
+    of the conversion, written apart (layer embeddings: the rows of the managed layers only)."""
     config = model.config
     n, hidden = config.num_managed_layers, config.hidden_size
-    generator = torch.Generator().manual_seed(1)
     state = {name.removeprefix("managertower."): tensor for name, tensor in model.state_dict().items()}
-    original = {
-        # Tensors the original holds and ManagerTower does not: RoBERTa's pooler, CLIP's text-tower leftovers.
-        "text_transformer.pooler.dense.weight": torch.randn(WIDTH, WIDTH, generator=generator),
-        "text_transformer.pooler.dense.bias": torch.randn(WIDTH, generator=generator),
-        "vit_model.positional_embedding": torch.randn(16, 64, generator=generator),
-        "vit_model.ln_final.weight": torch.ones(64),
-        "vit_model.ln_final.bias": torch.zeros(64),
-        "temperature": torch.tensor(0.07),  # built by every original model, trained only with ITC
-    }
+    original = {}
     vision = {
         "embeddings.class_embedding": "class_embedding",
         "embeddings.patch_embedding.weight": "conv1.weight",
@@ -195,9 +338,7 @@ def to_original(model, model_type: str, weight_type: str = "vector", itc_prefix:
             else:
                 original[f"{V}transformer.resblocks.{layer}.{block[module]}.{kind}"] = tensor
         elif name.endswith("_layer_embedding.weight"):
-            modality = name.split("_")[0]
-            unused = torch.randn(LAYERS - n, hidden, generator=generator)  # rows of the unmanaged layers
-            original[f"layer_embeddings_{modality}.weight"] = torch.cat([unused, tensor])
+            original[f"layer_embeddings_{name.split('_')[0]}.weight"] = tensor
         elif name.startswith("cross_modal_itc_"):
             modality, kind = name.split("_")[3], name.split(".")[-1]
             original[f"{itc_prefix}_{modality}_head.fc.{kind}"] = tensor
@@ -225,7 +366,6 @@ def to_original(model, model_type: str, weight_type: str = "vector", itc_prefix:
                 for kind in ("weight", "bias"):
                     original[f"{theirs}LayerNorm.{n}.{kind}"] = state[f"{ours}previous_norm.{kind}"]
             original[theirs + "softmax_temperature"] = state[ours + "temperature"]
-            original[theirs + "softmax_temperature_cross"] = torch.ones(1)
             width = 1 if weight_type == "scalar" else hidden
             if config.manager_type == "AAUE" and layer > 0:
                 original[theirs + "layer_scores_cross"] = state[ours + "previous_scale"][:width].reshape(1, 1, 1, width)
@@ -247,11 +387,8 @@ def to_original(model, model_type: str, weight_type: str = "vector", itc_prefix:
 
 
 def save_checkpoint(path, state_dict: dict, config: dict | None) -> None:
-    """A Lightning-style checkpoint, as `ModelCheckpoint` writes it."""
-    checkpoint = {"epoch": 3, "global_step": 120, "pytorch-lightning_version": "1.5.10", "state_dict": state_dict}
-    if config is not None:
-        checkpoint["hyper_parameters"] = {"config": config}
-    torch.save(checkpoint, path)
+    """A checkpoint file as the authors' training writes it (see `lightning_checkpoint`)."""
+    torch.save(lightning_checkpoint(state_dict, config), path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,7 +438,9 @@ def _text_layers(sd, input_ids, attention_mask):
         layer_norm_eps=LN_EPS,
     )
     roberta = RobertaModel(config).eval()
-    roberta.load_state_dict({k.removeprefix("text_transformer."): t for k, t in sd.items() if k.startswith("text_")})
+    text = {k.removeprefix("text_transformer."): t for k, t in sd.items() if k.startswith("text_transformer.")}
+    del text["embeddings.position_ids"]  # a constant this transformers version does not save
+    roberta.load_state_dict(text)
     return list(roberta(input_ids, attention_mask, output_hidden_states=True).hidden_states[1:])
 
 
@@ -435,29 +574,27 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Per case (built once): the source model, the original state dict and config, the converted directory."""
+    """Per case (built once): the original state dict and config, the converted directory and its class."""
     cache: dict[str, dict] = {}
 
     def build(case: str) -> dict:
         if case not in cache:
             model_type, manager_type, weight_type, head = CASES[case]
-            model = source_model(head, manager_type, weight_type, seed=len(cache))
-            # BridgeTower's own repository names its ITC heads `itc_*_head`; ManagerTower's `cross_modal_itc_*`.
-            itc = "itc" if model_type == "BT" else "cross_modal_itc"
-            state = to_original(model, model_type, weight_type, itc_prefix=itc)
             overrides = {"manager_type": manager_type, "manager_weight_type": weight_type} if model_type == "MT" else {}
             config = hparams(model_type, head, **overrides)
+            state = randomise(original_module(config), seed=len(cache)).state_dict()
             root = tmp_path_factory.mktemp(case)
             save_checkpoint(root / "original.ckpt", state, config)
             result = convert_lightning_checkpoint(root / "original.ckpt", root / "hf")
-            cache[case] = {"model": model, "state": state, "config": config, "root": root, "result": result}
+            model_class = ManagerTowerModel if head == "base" else TASK_HEADS[head]
+            cache[case] = {"class": model_class, "state": state, "config": config, "root": root, "result": result}
         return cache[case]
 
     return build
 
 
 def _converted_model(case: dict):
-    return type(case["model"]).from_pretrained(case["root"] / "hf").eval()
+    return case["class"].from_pretrained(case["root"] / "hf").eval()
 
 
 def _record_cross_layers(model):
@@ -559,20 +696,53 @@ def test_converted_task_heads_equal_the_original(converted, batch, case_name):
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_round_trip_through_the_original_layout_is_lossless(converted, case_name):
     case = converted(case_name)
-    saved = load_file(case["root"] / "hf" / "model.safetensors")
-    source = case["model"].state_dict()
-    assert saved.keys() == source.keys()
-    for name, tensor in source.items():
-        assert torch.equal(saved[name], tensor), name
-    # What the original holds and the model does not: CLIP text-tower leftovers, RoBERTa's pooler, unused heads.
+    model_type, _, weight_type, head = CASES[case_name]
+    itc = "itc" if model_type == "BT" else "cross_modal_itc"
+    back = to_original(_converted_model(case), model_type, weight_type, itc_prefix=itc)
+    original, n = case["state"], MANAGED if model_type == "MT" else CROSS
+    for name, tensor in back.items():
+        expected = original[name][-n:] if name.startswith("layer_embeddings_") else original[name]
+        assert torch.equal(tensor, expected), name
+    # Everything else the original holds is listed as not carried over: CLIP's text-tower leftovers, RoBERTa's
+    # pooler and its position-ids buffer, the unused second manager temperatures, heads the class does not hold.
     dropped = set(case["result"].dropped)
+    assert dropped == set(original) - set(back)
     assert {
+        "text_transformer.embeddings.position_ids",
         "vit_model.positional_embedding",
         "vit_model.ln_final.weight",
         "text_transformer.pooler.dense.weight",
     } <= dropped
-    assert ("temperature" in dropped) == (CASES[case_name][3] != "retrieval")
-    assert dropped <= set(case["state"])
+    assert ("temperature" in dropped) == (head != "retrieval")
+
+
+AUTHORS_RUN = Path(__file__).parent / "data" / "managertower_original"
+
+
+def test_a_checkpoint_written_by_the_authors_code_converts_and_reproduces_their_outputs(tmp_path):
+    """`data/managertower_original/make_reference.py` ran the authors' ManagerTower code (torch 1.11, transformers
+    4.17, pytorch-lightning 1.5.10) on a tiny AAUE model: their Lightning module saved by their Trainer, and their
+    `infer` + heads' outputs on fixed inputs. The conversion must reproduce those outputs."""
+    checkpoint = tmp_path / "mt_aaue_pretrain.ckpt"
+    checkpoint.write_bytes(lzma.decompress((AUTHORS_RUN / "mt_aaue_pretrain.ckpt.xz").read_bytes()))
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["pytorch-lightning_version"] == "1.5.10" and saved["hparams_name"] == "kwargs"
+    assert list(saved["hyper_parameters"]) == ["config"]  # save_hyperparameters() in __init__(self, config)
+    assert saved["state_dict"]["text_transformer.embeddings.position_ids"].shape == (1, 40)  # transformers 4.17
+    result = convert_lightning_checkpoint(checkpoint, tmp_path / "hf")
+    assert result.architecture == "ManagerTowerForPreTraining"
+    assert {"text_transformer.embeddings.position_ids", "text_transformer.pooler.dense.weight"} <= set(result.dropped)
+    theirs = torch.load(AUTHORS_RUN / "mt_aaue_pretrain_outputs.pt", weights_only=True)
+    model = TASK_HEADS["pretrain"].from_pretrained(tmp_path / "hf").eval()
+    inputs = (theirs["input_ids"], theirs["attention_mask"], theirs["pixel_values"])
+    with torch.no_grad():
+        fused = model.managertower(*inputs)
+        heads = model(*inputs)
+    tolerance = {"atol": 1e-5, "rtol": 0}
+    torch.testing.assert_close(fused.text_features, theirs["text_feats"], **tolerance)
+    torch.testing.assert_close(fused.pooler_output, theirs["cls_feats"], **tolerance)
+    torch.testing.assert_close(heads.mlm_logits, theirs["mlm_logits"], **tolerance)
+    torch.testing.assert_close(heads.itm_logits, theirs["itm_logits"], **tolerance)
 
 
 def test_converted_directory_loads_with_hf_tools(converted):
@@ -591,6 +761,8 @@ def test_bridgetower_converts_to_hf_bridgetower(converted, batch, tmp_path):
         case["root"] / "original.ckpt", tmp_path / "hf", output_format="hf-bridgetower"
     )
     assert result.architecture == "BridgeTowerForMaskedLM"
+    images = AutoImageProcessor.from_pretrained(tmp_path / "hf")  # HF BridgeTower's own, at the checkpoint's size
+    assert type(images) is BridgeTowerImageProcessor and images.size.shortest_edge == IMAGE
     assert "text_transformer.pooler.dense.weight" not in result.dropped  # HF BridgeTower keeps RoBERTa's pooler
     input_ids, attention_mask, pixel_values = batch
     mlm, mlm_info = BridgeTowerForMaskedLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
@@ -630,6 +802,10 @@ def test_command_line_converts_and_reports_what_it_drops(converted, tmp_path, ca
     printed = capsys.readouterr().out
     assert "ManagerTowerForVisualQuestionAnswering" in printed and "vit_model.ln_final.weight" in printed
     assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == build_tokenizer().get_vocab()
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")  # saved with its processor, as evaluated: `albef`
+    assert type(processor) is ManagerTowerProcessor
+    images = processor.image_processor
+    assert (images.size.shortest_edge, images.do_center_crop, images.do_pad) == (IMAGE, False, False)
     assert ManagerTowerConfig.from_pretrained(tmp_path / "out").num_labels == 5  # the hparams' vqav2_label_size
     with pytest.raises(SystemExit, match="convert: error: destination .* already exists"):
         main([str(case["root"] / "original.ckpt"), str(tmp_path / "out")])
@@ -668,6 +844,10 @@ def _bad(case: dict, what: str) -> tuple[dict | None, dict | None, dict]:
         config.update(managed_layers_text=3, managed_layers_image=3)
     elif what == "unexpected tensor":
         state["cross_modal_text_link_tower.0.LayerNorm.weight"] = torch.ones(WIDTH)
+    elif what == "altered position ids":
+        state["text_transformer.embeddings.position_ids"] = torch.arange(40).flip(0)[None]
+    elif what == "unknown eval transform":
+        config["val_transform_keys"] = ["pixelbert"]
     elif what == "bert text encoder":
         config["tokenizer"] = "bert-base-uncased"
     elif what == "separate vit layernorms":
@@ -691,6 +871,8 @@ BAD = {
     "shape that does not fit": r"cross_modal_text_transform\.weight gives .* of shape \(128, 64\).* needs \(128, 128\)",
     "hparams that do not fit the weights": r"layer_scores has shape \(1, 2, 1, 128\), expected \(1, 3, 1, 128\)",
     "unexpected tensor": r"unexpected tensors .*cross_modal_text_link_tower\.0\.LayerNorm\.weight",
+    "altered position ids": r"text_transformer\.embeddings\.position_ids of shape \(1, 40\) does not hold 0, 1",
+    "unknown eval transform": r"val_transform_keys \['pixelbert'\]: no ManagerTowerProcessor equivalent",
     "bert text encoder": "only RoBERTa text encoders convert",
     "separate vit layernorms": "vit_layernorm_shared=False has no ManagerTower equivalent",
     "several tasks": r"several tasks .* choose one with --head",

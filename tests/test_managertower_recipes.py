@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import AutoProcessor
 
 from manager_plugin.managertower.tiny import build_tokenizer
 from training.managertower.cli import main
@@ -131,6 +132,10 @@ def test_pretrain_then_finetune_from_its_checkpoint_then_evaluate_it(tmp_path):
     )
     config = json.loads((tmp_path / "nlvr2" / "config.json").read_text())
     assert config["num_token_types"] == 3 and config["vision_config"]["image_size"] == 48
+    # Saved with the processor it is evaluated with: the recipe's `square` eval transform at 48 px.
+    images = AutoProcessor.from_pretrained(tmp_path / "nlvr2").image_processor
+    assert (images.size.shortest_edge, images.do_center_crop, images.do_pad) == (48, False, False)
+    assert AutoProcessor.from_pretrained(tmp_path / "pt").image_processor.do_center_crop  # pre-training: `clip`
     reloaded = main(
         [*common, "--output-dir", str(tmp_path / "eval"), "--eval-only", "--model", str(tmp_path / "nlvr2")]
     )

@@ -144,7 +144,7 @@ def test_the_data_puts_only_text_on_one_rank_while_the_other_has_an_image(tiny_d
     (gloo reports a collective mismatch; NCCL would hang)."""
     recipe = load_recipe(RECIPE)
     processor = AutoProcessor.from_pretrained(tiny_dir)
-    configure_processor(processor, recipe)
+    configure_processor(processor, recipe, recipe.image_aspect_ratio)
     checked = validate_data(
         read_data(data / "mixed.json"),
         template=get_template(recipe.template),

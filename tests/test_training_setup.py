@@ -85,7 +85,7 @@ def test_lora_leaves_the_base_llm_frozen_and_trains_manager_and_projector_in_ful
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     processor = AutoProcessor.from_pretrained(tiny_dir)
-    configure_processor(processor, recipe)
+    configure_processor(processor, recipe, recipe.image_aspect_ratio)
     text = "<image>What colour is the shape? red"
     batch = prepare_inputs(processor, [text], [[random_image(40, 80)]], recipe.image_aspect_ratio)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -143,7 +143,7 @@ def test_anyres_pinpoints_follow_the_recipe_in_tower_units(tiny_dir):
     model = load_model(tiny_dir, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(tiny_dir)
     configure_images(model, recipe)
-    configure_processor(processor, recipe)
+    configure_processor(processor, recipe, recipe.image_aspect_ratio)
     expected = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
     assert model.config.image_grid_pinpoints == expected == processor.image_processor.image_grid_pinpoints
     assert model.config.vision_aspect_ratio == "anyres_max_9"

@@ -47,6 +47,9 @@ class StageArguments:
     manager_type: str | None = field(default=None, metadata={"help": "a new manager's type (recipe: static)"})
     manager_grid_type: str | None = field(default=None, metadata={"help": "a new manager's grid_type (all/main/grid)"})
     manager_jitter: float | None = field(default=None, metadata={"help": "a new manager's multiplicative jitter"})
+    manager_modalities: str | None = field(
+        default=None, metadata={"help": "whose tokens a new manager serves: images, videos or both (recipe: both)"}
+    )
     group_by_modality_length: bool | None = field(
         default=None, metadata={"help": "batch by modality and length (recipe default); false: seeded random order"}
     )
@@ -85,7 +88,12 @@ class StageArguments:
 
     @property
     def manager_overrides(self) -> dict[str, Any]:
-        values = {"manager_type": self.manager_type, "grid_type": self.manager_grid_type, "jitter": self.manager_jitter}
+        values = {
+            "manager_type": self.manager_type,
+            "grid_type": self.manager_grid_type,
+            "jitter": self.manager_jitter,
+            "modalities": self.manager_modalities,
+        }
         return {key: value for key, value in values.items() if value is not None}
 
 

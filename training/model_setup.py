@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from llava_integration import apply_manager, load_model, manager_of, set_image_aspect_ratio
+from llava_integration.families import family_named
+from llava_integration.processing import use_image_mode
 from manager_plugin import ManagerConfig
 
 from .optim import GroupRule
@@ -47,21 +49,34 @@ def part_of(parameter_name: str) -> str:
     return "language_model"
 
 
-def configure_processor(processor, recipe: Recipe) -> None:
-    """Set the recipe's AnyRes pinpoints on the processor (in multiples of its crop size) and right padding."""
+def stage_image_mode(model_type: str, recipe: Recipe) -> str | None:
+    """The image mode a stage trains in: the recipe's on LLaVA-OneVision; None (the checkpoint's own) on LLaVA-1.5
+    and NeXT, whose images have one mode (the recipes are OneVision's)."""
+    if family_named(model_type).square_images:
+        return recipe.image_aspect_ratio
+    logger.info("%s reads images its own way: the recipe's image settings apply to LLaVA-OneVision only", model_type)
+    return None
+
+
+def configure_processor(processor, recipe: Recipe, image_mode: str | None) -> None:
+    """Right padding; in an AnyRes `image_mode`, the recipe's pinpoints (in multiples of the crop size)."""
     processor.tokenizer.padding_side = "right"
+    if image_mode is None:
+        return
     size = processor.image_processor.size
     if size["height"] != size["width"]:
         raise ValueError(f"the image processor crops {size}: expected square crops of the vision tower's input size")
     pinpoints = recipe.grid_pinpoints(size["height"])
     if pinpoints is not None:
         processor.image_processor.image_grid_pinpoints = pinpoints
-    if recipe.image_aspect_ratio != "square":
-        processor.vision_aspect_ratio = recipe.image_aspect_ratio
+    use_image_mode(processor, image_mode)
 
 
 def configure_images(model: nn.Module, recipe: Recipe) -> None:
-    """Square images, or AnyRes with the recipe's pinpoints, in multiples of the vision tower's input size."""
+    """Square images, or AnyRes with the recipe's pinpoints, in multiples of the vision tower's input size; nothing
+    for the families with one image mode."""
+    if stage_image_mode(model.config.model_type, recipe) is None:
+        return
     if recipe.image_aspect_ratio == "square":
         set_image_aspect_ratio(model, "square")
         return

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from llava_integration.image_modes import is_image_mode
+
 RECIPE_DIR = Path(__file__).parent / "recipes"
 # The parts of the model a recipe can train; `model_setup.PARTS` says which parameters each one holds.
 PART_NAMES = ("vision_tower", "projector", "manager", "language_model")
 TEMPLATE_NAMES = ("plain", "chat")
-_ANYRES_MAX = re.compile(r"anyres_max_\d+")
 
 
 class RecipeError(ValueError):
@@ -96,7 +96,7 @@ def _build(path: Path, data: dict[str, Any]) -> Recipe:
     if data["template"] not in TEMPLATE_NAMES:
         raise fail(f"template {data['template']!r} is not one of {list(TEMPLATE_NAMES)}")
     aspect = data["image_aspect_ratio"]
-    if aspect != "square" and not (isinstance(aspect, str) and _ANYRES_MAX.fullmatch(aspect)):
+    if not is_image_mode(aspect):
         raise fail(f"image_aspect_ratio {aspect!r}: expected 'square' or 'anyres_max_<N>'")
     shapes = data["grid_shapes"]
     if (aspect == "square") != (shapes is None):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from transformers import AutoProcessor, set_seed
+from transformers import AutoConfig, AutoProcessor, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from llava_integration import manager_of
@@ -26,7 +26,7 @@ from .arguments import StageSetup, resolve_stage
 from .checkpoint import CONFIG_FILE, publish_files, staging_dir
 from .data import ConversationDataset, TrainingCollator, get_template, read_data, validate_data
 from .data.validation import default_cache_dir
-from .model_setup import configure_processor, load_stage_model, part_rules
+from .model_setup import configure_processor, load_stage_model, part_rules, stage_image_mode
 from .trainer import StageTrainer
 
 logger = logging.getLogger(__name__)
@@ -149,14 +149,15 @@ def run_stage(setup: StageSetup) -> StageResult:
     _claim_output_dir(setup, resume)
 
     processor = AutoProcessor.from_pretrained(stage.model_name_or_path)
-    configure_processor(processor, recipe)
+    image_mode = stage_image_mode(AutoConfig.from_pretrained(stage.model_name_or_path).model_type, recipe)
+    configure_processor(processor, recipe, image_mode)
     template = get_template(recipe.template)
     checked = validate_data(
         read_data(stage.data_path, seed=args.seed),
         template=template,
         processor=processor,
         image_folder=stage.image_folder,
-        image_aspect_ratio=recipe.image_aspect_ratio,
+        image_aspect_ratio=image_mode,
         max_length=setup.model_max_length,
         on_bad_data=stage.on_bad_data,
         image_check=stage.image_check,
@@ -182,7 +183,7 @@ def run_stage(setup: StageSetup) -> StageResult:
         model=model,
         args=args,
         train_dataset=ConversationDataset(checked.records, checked.lengths, template, processor, stage.image_folder),
-        data_collator=TrainingCollator(processor, recipe.image_aspect_ratio, setup.model_max_length, uses_query),
+        data_collator=TrainingCollator(processor, image_mode, setup.model_max_length, uses_query),
         processing_class=processor,
         group_rules=part_rules(recipe, args.learning_rate, stage.part_learning_rates),
         lengths=checked.lengths,

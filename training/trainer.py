@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlavaOnevisionForConditionalGeneration, Trainer
+from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from llava_integration import manager_of, save_manager
+from llava_integration import FAMILIES, manager_of, save_manager
 
 from .checkpoint import lora_scalings, manager_weights, merged_lora_state_dict, replace_dir, staging_dir
 from .data.dataset import BAD_RECORDS
@@ -180,7 +180,8 @@ class StageTrainer(Trainer):
             state_dict = merged_lora_state_dict(state_dict, lora_scalings(model))
             model = model.get_base_model()
         model.save_pretrained(output_dir, state_dict=state_dict)
-        if isinstance(model, LlavaOnevisionForConditionalGeneration) and manager_of(model) is not None:
+        is_llava = isinstance(model, tuple(family.model_class for family in FAMILIES))
+        if is_llava and manager_of(model) is not None:
             save_manager(model, output_dir, state_dict=manager_weights(state_dict))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)

@@ -16,7 +16,7 @@ from transformers import Qwen2Config
 from manager_plugin import GRID_TYPES, MANAGER_TYPES, ManagerConfig
 from manager_plugin.io import ConversionError
 
-from ..features import SQUARE
+from ..image_modes import SQUARE, anyres_max_crops
 
 # model_type -> whether that class can run a manager (llava_qwen uses HF's plain Qwen2 decoder).
 MODEL_TYPES = {"llava_qwen": False, "llava_qwen_manager": True}
@@ -46,7 +46,6 @@ TEXT_FIELDS = (
     "eos_token_id",
 )
 REQUIRED_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-_ANYRES_MAX = re.compile(r"anyres_max_(\d+)")
 _GRID_RANGE = re.compile(r"\((\d+)x(\d+)\)")
 
 
@@ -137,7 +136,7 @@ def image_mode_from_original(original: dict[str, Any], image_size: int) -> tuple
     if aspect == SQUARE:
         hf = [[h, w] for w, h in _pinpoints_width_height(pinpoints, image_size)] if pinpoints else None
         return SQUARE, hf or default_grid_pinpoints(image_size)
-    if aspect != "anyres" and not _ANYRES_MAX.fullmatch(str(aspect)):
+    if aspect != "anyres" and anyres_max_crops(aspect) is None:
         raise ConversionError(
             f"image_aspect_ratio {aspect!r} is not supported: expected 'square', 'anyres' or 'anyres_max_<N>'"
         )
@@ -159,7 +158,7 @@ def original_image_fields(vision_aspect_ratio: str, pinpoints: list[list[int]]) 
     """LLaVA-NeXT's image fields for an HF image mode (pinpoints back to (width, height))."""
     if vision_aspect_ratio == SQUARE:
         return {"image_aspect_ratio": SQUARE, "mm_patch_merge_type": "flat", "image_grid_pinpoints": None}
-    if not _ANYRES_MAX.fullmatch(str(vision_aspect_ratio)):
+    if anyres_max_crops(vision_aspect_ratio) is None:
         raise ConversionError(f"vision_aspect_ratio {vision_aspect_ratio!r}: expected 'square' or 'anyres_max_<N>'")
     return {
         "image_aspect_ratio": vision_aspect_ratio,

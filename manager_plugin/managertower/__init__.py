@@ -19,7 +19,8 @@ from .modeling_managertower import (
     ManagerTowerPreTrainedModel,
     UnimodalEncoding,
 )
-from .retrieval import encode_corpus, recall_at_k, rerank_scores
+from .processing_managertower import ManagerTowerImageProcessor, ManagerTowerProcessor
+from .retrieval import RetrievalRanking, encode_corpus, rank, recall_at_k, rerank_scores
 
 __all__ = [
     "MANAGER_TOWER_TYPES",
@@ -34,25 +35,46 @@ __all__ = [
     "ManagerTowerForVisualEntailment",
     "ManagerTowerForVisualQuestionAnswering",
     "ManagerTowerHeadModel",
+    "ManagerTowerImageProcessor",
     "ManagerTowerModel",
     "ManagerTowerModelOutput",
     "ManagerTowerPreTrainedModel",
     "ManagerTowerPreTrainingOutput",
+    "ManagerTowerProcessor",
     "ManagerTowerTaskOutput",
+    "RetrievalRanking",
     "StaticAggregation",
     "UnimodalEncoding",
     "encode_corpus",
+    "rank",
     "recall_at_k",
     "rerank_scores",
 ]
 
 
 def _register_auto_classes() -> None:
-    from transformers import AutoConfig, AutoModel
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForPreTraining,
+        AutoModelForVisualQuestionAnswering,
+        AutoProcessor,
+    )
 
     AutoConfig.register(ManagerTowerConfig.model_type, ManagerTowerConfig, exist_ok=True)
     AutoModel.register(ManagerTowerConfig, ManagerTowerModel, exist_ok=True)
+    # The heads with an HF Auto class; SNLI-VE, NLVR2 and retrieval have none (HF has no Auto class for those tasks).
+    AutoModelForPreTraining.register(ManagerTowerConfig, ManagerTowerForPreTraining, exist_ok=True)
+    AutoModelForVisualQuestionAnswering.register(
+        ManagerTowerConfig, ManagerTowerForVisualQuestionAnswering, exist_ok=True
+    )
+    AutoImageProcessor.register(
+        ManagerTowerConfig, image_processor_classes={"pil": ManagerTowerImageProcessor}, exist_ok=True
+    )
+    AutoProcessor.register(ManagerTowerConfig, ManagerTowerProcessor, exist_ok=True)
 
 
-# So `AutoConfig` / `AutoModel` (and `AutoTokenizer`, which reads the config) know saved ManagerTower checkpoints.
+# So the Auto classes know saved ManagerTower checkpoints: `AutoConfig`, `AutoModel` and the heads' Auto classes
+# (`AutoTokenizer` reads the config), `AutoImageProcessor` and `AutoProcessor`.
 _register_auto_classes()

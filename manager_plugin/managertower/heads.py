@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,9 @@ from transformers.utils import ModelOutput
 
 from .configuration_managertower import ManagerTowerConfig
 from .modeling_managertower import ManagerTowerModel, ManagerTowerPreTrainedModel, UnimodalEncoding, grow_token_types
+
+if TYPE_CHECKING:
+    from .retrieval import RetrievalRanking
 
 
 def classification_head(in_features: int, hidden: int, num_labels: int) -> nn.Sequential:
@@ -63,6 +68,22 @@ class ManagerTowerHeadModel(ManagerTowerPreTrainedModel):
         self.managertower = ManagerTowerModel(config)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
+        """As `PreTrainedModel.from_pretrained`; called on `ManagerTowerHeadModel` itself, loads the head class the
+        directory was saved from (its config's `architectures`), for the heads HF has no Auto class for."""
+        if cls is not ManagerTowerHeadModel:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        config = kwargs.get("config") or ManagerTowerConfig.from_pretrained(pretrained_model_name_or_path)
+        heads = {head.__name__: head for head in TASK_HEADS.values()}
+        saved = [name for name in config.architectures or [] if name in heads]
+        if not saved:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds architectures {config.architectures}, not a ManagerTower head: "
+                f"expected one of {sorted(heads)} (load a bare model with ManagerTowerModel)"
+            )
+        return heads[saved[0]].from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
     def from_base_model(cls, base: ManagerTowerModel, **config_overrides):
         """This head, newly initialised, on `base`'s weights (copied); `config_overrides` set head fields such as
         `num_labels`. Token types the head needs are added as the reference does (copies of the image type)."""
@@ -96,19 +117,27 @@ class ManagerTowerForPreTraining(ManagerTowerHeadModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
         mlm_input_ids: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         false_pixel_values: torch.Tensor | None = None,
+        false_pixel_mask: torch.Tensor | None = None,
         itm_labels: torch.Tensor | None = None,
     ) -> ManagerTowerPreTrainingOutput:
         """MLM runs on `mlm_input_ids` (with `mlm_labels`, -100 = not masked) and the true images; ITM on the clean
-        text with each image swapped for its false one where `itm_labels` is 0 (default: half of them, at random)."""
+        text with each image swapped for its false one where `itm_labels` is 0 (default: half of them, at random).
+        Without labels nor false images: the MLM logits of `input_ids` and the ITM logits of the given pairs."""
         losses: dict[str, torch.Tensor] = {}
         mlm_logits = itm_logits = None
+        if mlm_labels is None and false_pixel_values is None:
+            fused = self.managertower(input_ids, attention_mask, pixel_values, pixel_mask=pixel_mask)
+            return ManagerTowerPreTrainingOutput(
+                mlm_logits=self.mlm_score(fused.text_features), itm_logits=self.itm_score(fused.pooler_output)
+            )
         if mlm_labels is not None:
             if mlm_input_ids is None:
                 raise ValueError("MLM needs mlm_input_ids (the masked text) with mlm_labels")
-            fused = self.managertower(mlm_input_ids, attention_mask, pixel_values)
+            fused = self.managertower(mlm_input_ids, attention_mask, pixel_values, pixel_mask=pixel_mask)
             mlm_logits = self.mlm_score(fused.text_features)
             losses["mlm"] = F.cross_entropy(mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100)
         if false_pixel_values is not None:
@@ -116,7 +145,12 @@ class ManagerTowerForPreTraining(ManagerTowerHeadModel):
                 itm_labels = half_matched_labels(input_ids.shape[0], input_ids.device)
             matched = itm_labels.bool().view(-1, *([1] * (pixel_values.dim() - 1)))
             images = torch.where(matched, pixel_values, false_pixel_values)
-            fused = self.managertower(input_ids, attention_mask, images)
+            masks = None
+            if pixel_mask is not None or false_pixel_mask is not None:
+                true_mask = pixel_mask if pixel_mask is not None else torch.ones_like(false_pixel_mask)
+                false_mask = false_pixel_mask if false_pixel_mask is not None else torch.ones_like(pixel_mask)
+                masks = torch.where(matched[:, 0], true_mask, false_mask)
+            fused = self.managertower(input_ids, attention_mask, images, pixel_mask=masks)
             itm_logits = self.itm_score(fused.pooler_output)
             losses["itm"] = F.cross_entropy(itm_logits, itm_labels.long())
         if not losses:
@@ -151,10 +185,12 @@ class ManagerTowerForVisualQuestionAnswering(ManagerTowerHeadModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> ManagerTowerTaskOutput:
         """`labels`: (B, num_labels) soft answer scores in [0, 1]."""
-        logits = self.vqa_classifier(self.managertower(input_ids, attention_mask, pixel_values).pooler_output)
+        fused = self.managertower(input_ids, attention_mask, pixel_values, pixel_mask=pixel_mask)
+        logits = self.vqa_classifier(fused.pooler_output)
         loss = None
         if labels is not None:
             # BCE summed over answers, as the reference (mean BCE times the answer-vocabulary size).
@@ -176,9 +212,11 @@ class ManagerTowerForVisualEntailment(ManagerTowerHeadModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> ManagerTowerTaskOutput:
-        logits = self.snli_classifier(self.managertower(input_ids, attention_mask, pixel_values).pooler_output)
+        fused = self.managertower(input_ids, attention_mask, pixel_values, pixel_mask=pixel_mask)
+        logits = self.snli_classifier(fused.pooler_output)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return ManagerTowerTaskOutput(loss=loss, logits=logits, labels=labels)
 
@@ -200,14 +238,19 @@ class ManagerTowerForNLVR2(ManagerTowerHeadModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> ManagerTowerTaskOutput:
-        """`pixel_values`: (B, 2, C, H, W), the left and right image of each statement."""
+        """`pixel_values`: (B, 2, C, H, W), the left and right image of each statement; `pixel_mask` (B, 2, H, W)."""
         if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
             raise ValueError(f"NLVR2 expects pixel_values of shape (B, 2, C, H, W), got {tuple(pixel_values.shape)}")
+        if pixel_mask is not None and pixel_mask.dim() != 4:
+            raise ValueError(f"NLVR2 expects pixel_mask of shape (B, 2, H, W), got {tuple(pixel_mask.shape)}")
         model = self.managertower
         text = model.encode_text(input_ids, attention_mask)
-        images = model.encode_image(pixel_values.flatten(0, 1))
+        images = model.encode_image(
+            pixel_values.flatten(0, 1), None if pixel_mask is None else pixel_mask.flatten(0, 1)
+        )
         pooled = []
         for index in range(2):
             image = UnimodalEncoding(experts=images.experts[index::2], attention_mask=images.attention_mask[index::2])
@@ -249,11 +292,27 @@ class ManagerTowerForImageTextRetrieval(ManagerTowerHeadModel):
         """ITM logits (B, 2) of text-image pairs; `[:, 1]` is the matching score used for re-ranking."""
         return self.itm_score(self.managertower.fuse(text, image).pooler_output)
 
+    def rank(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        *,
+        k: int = 16,
+        batch_size: int = 64,
+    ) -> RetrievalRanking:
+        """The texts ranked for each image and the images for each text (see `retrieval.rank`)."""
+        from .retrieval import rank
+
+        return rank(self, input_ids, attention_mask, pixel_values, pixel_mask, k=k, batch_size=batch_size)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
     ) -> ManagerTowerTaskOutput:
         """`image_ids` (B,) tell which captions share an image (they are all positives); default: all distinct."""
@@ -261,7 +320,7 @@ class ManagerTowerForImageTextRetrieval(ManagerTowerHeadModel):
         if image_ids is None:
             image_ids = torch.arange(batch, device=input_ids.device)
         text = self.managertower.encode_text(input_ids, attention_mask)
-        image = self.managertower.encode_image(pixel_values)
+        image = self.managertower.encode_image(pixel_values, pixel_mask)
         with torch.no_grad():
             self.itc_temperature.clamp_(0.001, 0.5)
         text_embeds, image_embeds = self.text_embeddings(text), self.image_embeddings(image)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BridgeTowerConfig, CLIPVisionModel, PreTrainedModel, RobertaModel
 from transformers import initialization as init
@@ -36,7 +37,7 @@ class UnimodalEncoding(ModelOutput):
     last_hidden_state (`torch.Tensor` of shape `(batch_size, sequence_length, encoder_hidden_size)`):
         The last uni-modal layer (after the shared `post_layernorm` for images): the input of the ITC heads.
     attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`):
-        1 for real tokens, 0 for padding (all ones for images).
+        1 for real tokens, 0 for padding (for images: 0 for the patches of padding only, from `pixel_mask`).
     hidden_states (`tuple(torch.Tensor)`, *optional*):
         Every uni-modal hidden state, embeddings first, when asked for.
     """
@@ -116,6 +117,21 @@ def _cross_layer(config: BridgeTowerTextConfig) -> BridgeTowerBertCrossLayer:
     return layer
 
 
+def image_patch_mask(pixel_mask: torch.Tensor, pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor | None:
+    """(B, 1 + patches) 1/0 mask of the image tokens (class token first) from a (B, H, W) pixel mask (1 = image,
+    0 = padding, as BridgeTower's); a patch holding any image pixel is kept. None when nothing is padded."""
+    expected = (pixel_values.shape[0], *pixel_values.shape[-2:])
+    if tuple(pixel_mask.shape) != expected:
+        raise ValueError(
+            f"pixel_mask of shape {tuple(pixel_mask.shape)} does not fit pixel_values of shape "
+            f"{tuple(pixel_values.shape)}: expected {expected} (1 = image pixel, 0 = padding)"
+        )
+    if bool(pixel_mask.all()):
+        return None
+    patches = F.max_pool2d(pixel_mask[:, None].float(), patch_size).flatten(1)
+    return torch.cat((patches.new_ones(patches.shape[0], 1), patches), dim=1).long()
+
+
 def grow_token_types(weight: torch.Tensor, num_token_types: int) -> torch.Tensor:
     """A (num_token_types, D) table: the rows of `weight`, then copies of its image row (type 1)."""
     if num_token_types < weight.shape[0]:
@@ -141,6 +157,12 @@ class ManagerTowerModel(ManagerTowerPreTrainedModel):
         self.image_layer_embedding = LayerEmbedding(config.num_managed_layers, hidden) if with_layer_embedding else None
         self.cross_modal_text_managers = build_managers(config)
         self.cross_modal_image_managers = build_managers(config)
+        # `manager_query_mask` follows the reference for text padding (image managers query the text stream). The
+        # text managers query the image stream, whose padding (from `pixel_mask`) the reference never had: always
+        # masked, which changes nothing on unpadded images.
+        for manager in self.cross_modal_text_managers:
+            if isinstance(manager, AdaptiveAggregation):
+                manager.mask_query = True
         self.cross_layer_config = _cross_layer_config(config)
         self.cross_modal_text_layers = nn.ModuleList(
             _cross_layer(self.cross_layer_config) for _ in range(config.num_hidden_layers)
@@ -202,20 +224,42 @@ class ManagerTowerModel(ManagerTowerPreTrainedModel):
         )
 
     def encode_image(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, output_hidden_states: bool = False
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
     ) -> UnimodalEncoding:
-        """Run the vision encoder, apply its shared `post_layernorm` to its top layers and project them."""
+        """Run the vision encoder, apply its shared `post_layernorm` to its top layers and project them.
+
+        `pixel_mask` (B, H, W): 1 on image pixels, 0 on padding (as from `ManagerTowerProcessor` or HF's
+        BridgeTower processor). Patches of padding only are masked out of every attention over image tokens.
+        """
         pixel_values = pixel_values.to(self.vision_model.dtype)
+        patch_mask = None
+        if pixel_mask is not None:
+            patch_mask = image_patch_mask(pixel_mask, pixel_values, self.config.vision_config.patch_size)
+        masks = {}
+        if patch_mask is not None:
+            masks["attention_mask"] = create_bidirectional_mask(
+                config=self.vision_model.config,
+                inputs_embeds=pixel_values.new_empty(pixel_values.shape[0], 1, 1),
+                attention_mask=patch_mask,
+            )
         outputs = self.vision_model(
-            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, output_hidden_states=True
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=True,
+            **masks,
         )
         layers = torch.stack(outputs.hidden_states[-self.config.num_managed_layers :], dim=-2)
         layers = self.vision_model.post_layernorm(layers)
-        mask = torch.ones(layers.shape[:2], dtype=torch.long, device=layers.device)
+        if patch_mask is None:
+            patch_mask = torch.ones(layers.shape[:2], dtype=torch.long, device=layers.device)
         return UnimodalEncoding(
             experts=self.cross_modal_image_transform(layers),
             last_hidden_state=layers[..., -1, :],
-            attention_mask=mask,
+            attention_mask=patch_mask,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
         )
 
@@ -244,6 +288,13 @@ class ManagerTowerModel(ManagerTowerPreTrainedModel):
         text_mask = create_bidirectional_mask(
             config=self.cross_layer_config, inputs_embeds=text_experts[:, :1, 0], attention_mask=text.attention_mask
         )
+        image_mask = None  # images are rarely padded: no mask at all then, as HF BridgeTower
+        if not bool(image.attention_mask.all()):
+            image_mask = create_bidirectional_mask(
+                config=self.cross_layer_config,
+                inputs_embeds=image_experts[:, :1, 0],
+                attention_mask=image.attention_mask,
+            )
         text_state = image_state = None
         cross_states = []
         for text_manager, image_manager, text_layer, image_layer in zip(
@@ -252,12 +303,18 @@ class ManagerTowerModel(ManagerTowerPreTrainedModel):
             self.cross_modal_text_layers,
             self.cross_modal_image_layers,
         ):
-            text_input = text_manager(text_experts, previous=text_state, query=image_state)
+            text_input = text_manager(
+                text_experts, previous=text_state, query=image_state, query_mask=image.attention_mask
+            )
             image_input = image_manager(
                 image_experts, previous=image_state, query=text_state, query_mask=text.attention_mask
             )
-            text_state = text_layer(text_input, image_input, attention_mask=text_mask)[0]
-            image_state = image_layer(image_input, text_input, encoder_attention_mask=text_mask)[0]
+            text_state = text_layer(
+                text_input, image_input, attention_mask=text_mask, encoder_attention_mask=image_mask
+            )[0]
+            image_state = image_layer(
+                image_input, text_input, attention_mask=image_mask, encoder_attention_mask=text_mask
+            )[0]
             cross_states.append((text_state, image_state))
         pooled = torch.cat((self.cross_modal_text_pooler(text_state), self.cross_modal_image_pooler(image_state)), -1)
         hidden_states = None
@@ -272,16 +329,18 @@ class ManagerTowerModel(ManagerTowerPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
         image_token_type_idx: int = 1,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool | None = None,
     ) -> ManagerTowerModelOutput:
+        """`pixel_mask` (B, H, W), optional: 1 on image pixels, 0 on padding (BridgeTower's meaning)."""
         if pixel_values is None:
             raise ValueError("ManagerTowerModel needs pixel_values: it fuses a text with an image")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         text = self.encode_text(input_ids, attention_mask, output_hidden_states)
-        image = self.encode_image(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        image = self.encode_image(pixel_values, pixel_mask, interpolate_pos_encoding, output_hidden_states)
         return self.fuse(text, image, image_token_type_idx, output_hidden_states)
 
 

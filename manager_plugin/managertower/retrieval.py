@@ -1,8 +1,10 @@
-"""Image-text retrieval evaluation: ITC ranks everything, ITM re-ranks the top-k candidates, R@K and RSUM."""
+"""Image-text retrieval: ITC ranks everything, ITM re-ranks the top-k candidates; `rank` for users, R@K and RSUM for
+evaluation."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -58,17 +60,20 @@ def _concat(encodings: list[UnimodalEncoding]) -> UnimodalEncoding:
 def encode_corpus(
     model: ManagerTowerForImageTextRetrieval,
     text_batches: Iterable[dict[str, torch.Tensor]],
-    image_batches: Iterable[torch.Tensor],
+    image_batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]],
+    progress: bool = True,
 ) -> tuple[UnimodalEncoding, UnimodalEncoding]:
-    """Every text and image encoded once (texts must share one padded length, e.g. `max_length` padding)."""
+    """Every text and image encoded once (texts must share one padded length, e.g. `max_length` padding); an image
+    batch is `pixel_values` or `(pixel_values, pixel_mask)`."""
     device = next(model.parameters()).device
     texts = [
         model.managertower.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        for batch in tqdm(text_batches, desc="encode texts")
+        for batch in tqdm(text_batches, desc="encode texts", disable=not progress)
     ]
-    images = [
-        model.managertower.encode_image(pixels.to(device)) for pixels in tqdm(image_batches, desc="encode images")
-    ]
+    images = []
+    for batch in tqdm(image_batches, desc="encode images", disable=not progress):
+        pixels, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        images.append(model.managertower.encode_image(pixels.to(device), None if mask is None else mask.to(device)))
     return _concat(texts), _concat(images)
 
 
@@ -85,11 +90,85 @@ def rerank_scores(
     The reference scores an image's top-k texts and a text's top-k images and keeps the larger score per pair; the
     ITM score of a pair does not depend on which direction proposed it, so each candidate pair is scored once.
     """
+    return _rerank(model, texts, images, k, batch_size)[1]
+
+
+def _rerank(
+    model: ManagerTowerForImageTextRetrieval,
+    texts: UnimodalEncoding,
+    images: UnimodalEncoding,
+    k: int,
+    batch_size: int,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (num_images, num_texts) ITC similarities, and the ITM scores of the ITC top-k pairs (-inf elsewhere)."""
     itc = model.image_embeddings(images) @ model.text_embeddings(texts).t()
     pairs = top_k_candidates(itc, k).nonzero()
     scores = torch.full_like(itc, float("-inf"))
-    for chunk in tqdm(pairs.split(batch_size), desc="ITM re-rank"):
+    for chunk in tqdm(pairs.split(batch_size), desc="ITM re-rank", disable=not progress):
         image_index, text_index = chunk[:, 0], chunk[:, 1]
         logits = model.itm_logits(select(texts, text_index), select(images, image_index))
         scores[image_index, text_index] = logits[:, 1].to(scores.dtype)
-    return scores
+    return itc, scores
+
+
+@dataclass
+class RetrievalRanking:
+    r"""
+    texts_for_images (`torch.Tensor` of shape `(num_images, num_texts)`):
+        For each image, the indices of the texts, best first: the ITC top-k candidates ordered by their ITM score,
+        then the others by ITC similarity.
+    images_for_texts (`torch.Tensor` of shape `(num_texts, num_images)`):
+        For each text, the indices of the images, in the same way.
+    itm_scores (`torch.Tensor` of shape `(num_images, num_texts)`):
+        The ITM matching logit of each candidate pair (-inf for pairs outside every top-k).
+    itc_scores (`torch.Tensor` of shape `(num_images, num_texts)`):
+        The ITC cosine similarity of every pair.
+    """
+
+    texts_for_images: torch.Tensor
+    images_for_texts: torch.Tensor
+    itm_scores: torch.Tensor
+    itc_scores: torch.Tensor
+
+
+def _order(itm: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
+    """Column indices of each row: by ITM score where scored, the rest after them by ITC similarity."""
+    by_itc = itc.argsort(dim=1, descending=True, stable=True)
+    by_itm = itm.gather(1, by_itc).argsort(dim=1, descending=True, stable=True)  # ties (-inf) keep the ITC order
+    return by_itc.gather(1, by_itm)
+
+
+@torch.no_grad()
+def rank(
+    model: ManagerTowerForImageTextRetrieval,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor,
+    pixel_mask: torch.Tensor | None = None,
+    *,
+    k: int = 16,
+    batch_size: int = 64,
+) -> RetrievalRanking:
+    """Rank the texts for each image and the images for each text: every text and image is encoded once (in
+    batches of `batch_size`), ITC proposes each image's and each text's top-`k` candidates, ITM re-ranks them (in
+    batches of `batch_size` pairs). The numbers of texts and images may differ: pass `processor(images=...,
+    text=..., padding=True, return_tensors="pt")`."""
+    if k < 1 or batch_size < 1:
+        raise ValueError(f"k and batch_size must be positive, got k={k} and batch_size={batch_size}")
+    if input_ids.shape != attention_mask.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ")
+    text_batches = [
+        {"input_ids": ids, "attention_mask": mask}
+        for ids, mask in zip(input_ids.split(batch_size), attention_mask.split(batch_size))
+    ]
+    masks = [None] * len(pixel_values.split(batch_size)) if pixel_mask is None else pixel_mask.split(batch_size)
+    image_batches = list(zip(pixel_values.split(batch_size), masks))
+    texts, images = encode_corpus(model, text_batches, image_batches, progress=False)
+    itc, itm = _rerank(model, texts, images, k, batch_size, progress=False)
+    return RetrievalRanking(
+        texts_for_images=_order(itm, itc),
+        images_for_texts=_order(itm.t(), itc.t()),
+        itm_scores=itm,
+        itc_scores=itc,
+    )

@@ -1,7 +1,7 @@
 """A tiny ManagerTower and RoBERTa-style tokenizer, built offline in seconds, for tests and synthetic recipe runs.
 
-`python -m manager_plugin.managertower.tiny DIR` writes a `ManagerTowerModel` and its tokenizer that
-`from_pretrained` loads.
+`python -m manager_plugin.managertower.tiny DIR` writes a `ManagerTowerModel` and its processor (tokenizer and image
+processor) that `from_pretrained` / `AutoProcessor.from_pretrained` load.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..bpe import train_byte_level_bpe
+from tiny_tokenizers import train_byte_level_bpe
 
 # Words of the synthetic datasets (shapes, colours, positions), so the tiny tokenizer keeps them whole.
 CORPUS = """
@@ -51,10 +51,11 @@ def tiny_config(vocab_size: int, image_size: int = 32, patch_size: int = 8, **ov
 
 
 def write_tiny(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
-    """Write a tiny `ManagerTowerModel` and its tokenizer to `directory`; return it."""
+    """Write a tiny `ManagerTowerModel` and its processor to `directory`; return it."""
     import torch
 
     from .modeling_managertower import ManagerTowerModel
+    from .processing_managertower import ManagerTowerProcessor, image_processor_for
 
     directory = Path(directory)
     tokenizer = build_tokenizer()
@@ -62,7 +63,8 @@ def write_tiny(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
     model = ManagerTowerModel(tiny_config(len(tokenizer), **overrides))
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    image_processor = image_processor_for(model.config.vision_config.image_size)
+    ManagerTowerProcessor(image_processor, tokenizer).save_pretrained(directory)
     return directory
 
 

@@ -21,9 +21,11 @@ IGNORE_INDEX = -100
 
 
 def dummy_image(processor) -> Image.Image:
-    """A grey image of the vision tower's input size."""
-    size = processor.image_processor.size
-    return Image.new("RGB", (size["width"], size["height"]), (128, 128, 128))
+    """A grey image of the vision tower's input size (the crop size, for processors that resize then crop)."""
+    image_processor = processor.image_processor
+    size = getattr(image_processor, "crop_size", None) or image_processor.size
+    side = size.get("shortest_edge")
+    return Image.new("RGB", (size.get("width") or side, size.get("height") or side), (128, 128, 128))
 
 
 @dataclass
@@ -37,7 +39,7 @@ class TrainingCollator:
     """
 
     processor: Any
-    image_aspect_ratio: str
+    image_aspect_ratio: str | None  # None: the processor's own image mode (LLaVA-1.5, NeXT)
     model_max_length: int
     with_query_mask: bool = False
     ensure_image: bool = True

@@ -2,9 +2,10 @@
 is on, and the manager's query tokens. Token ids here hold ONE image token per image; the collator expands them.
 
 - `plain` (stage 1): `<image>` per image, then the caption (the gpt turn) and a newline; the loss is on the caption.
-- `chat` (stages 1.5, 2): the model's own chat template (Qwen ChatML for LLaVA-OneVision); the loss is on the
-  assistant turns, found by the template's `{% generation %}` blocks when it has them, else by the ChatML pattern
-  `<|im_start|>assistant\\n ... <|im_end|>`.
+- `chat` (stages 1.5, 2): the model's own chat template (Qwen ChatML for LLaVA-OneVision, `USER: ... ASSISTANT:`
+  for LLaVA-1.5, ...); the loss is on the assistant turns, found by the template's `{% generation %}` blocks when
+  it has them, else by the ChatML pattern `<|im_start|>assistant\\n ... <|im_end|>`, else by rendering the
+  conversation up to each assistant turn (what the template adds for that turn is the turn).
 """
 
 from __future__ import annotations
@@ -76,6 +77,28 @@ def chatml_assistant_mask(input_ids: torch.Tensor, header_ids: list[int], end_id
     return mask
 
 
+def rendered_assistant_spans(
+    messages: list[dict[str, str]], tokenizer, template: str, text: str, where: str
+) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in `text`: what the template adds between the conversation up to a
+    turn (with the generation prompt) and the conversation including it, without trailing white space."""
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(
+            messages[:index], chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        through = tokenizer.apply_chat_template(messages[: index + 1], chat_template=template, tokenize=False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError(
+                f"{where}: the chat template renders earlier turns differently once later turns follow, so the "
+                "assistant turns cannot be found: give it {% generation %} blocks"
+            )
+        spans.append((len(before), len(through.rstrip())))  # not the white space that separates turns
+    return spans
+
+
 class ChatTemplate:
     """Stages 1.5 and 2: the processor's chat template; loss on the assistant turns."""
 
@@ -100,9 +123,15 @@ class ChatTemplate:
             if list(marked["input_ids"]) != encoding["input_ids"]:
                 raise RuntimeError(f"{record.where}: the chat template tokenises differently with and without masks")
             target = torch.tensor(marked["assistant_masks"], dtype=torch.bool)
-        else:
+        elif CHATML_END in template:
             header = tokenizer(CHATML_ASSISTANT_HEADER, add_special_tokens=False)["input_ids"]
             target = chatml_assistant_mask(ids, header, tokenizer.convert_tokens_to_ids(CHATML_END))
+        else:
+            spans = rendered_assistant_spans(messages, tokenizer, template, text, record.where)
+            starts = torch.tensor([start for start, _ in encoding["offset_mapping"]])
+            target = torch.zeros_like(ids, dtype=torch.bool)
+            for begin, end in spans:
+                target |= (starts >= begin) & (starts < end)
         query = instruction_query_mask(ids, tokenizer)
         return Encoded(text, ids, target, query)
 

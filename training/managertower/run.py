@@ -11,6 +11,7 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from manager_plugin.managertower import ManagerTowerConfig, ManagerTowerHeadModel, ManagerTowerModel
+from manager_plugin.managertower.processing_managertower import ManagerTowerProcessor, image_processor_for
 from manager_plugin.managertower.tiny import build_tokenizer, tiny_config
 from manager_plugin.managertower.unimodal import set_image_size
 
@@ -165,6 +166,8 @@ def run(
     trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return {}
-    tokenizer.save_pretrained(output_dir)
+    # The processor users call the model with: the tokenizer and the recipe's evaluation image transform.
+    image_processor = image_processor_for(recipe.data["image_size"], recipe.data["eval_transform"])
+    ManagerTowerProcessor(image_processor, tokenizer).save_pretrained(output_dir)
     # Evaluate the saved checkpoint on this process alone: under ZeRO-3 the live weights are sharded.
     return evaluate(recipe, head.from_pretrained(output_dir).to(trainer.args.device), tokenizer, output_dir)

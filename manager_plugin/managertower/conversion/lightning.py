@@ -3,8 +3,10 @@
 The authors' code (`src/modules/mt_module.py`, `bt_module.py`) saves `{"state_dict": ..., "hyper_parameters":
 {"config": <the sacred config>}}`. The target config is derived from those hyper-parameters and from tensor shapes;
 then each tensor of the target model is pulled from the original state dict by the first rule whose pattern matches
-its name. Every original tensor must be used, be a known leftover of the original code, or belong to a head the
-chosen class does not hold (those are reported), so nothing is dropped unnoticed. Everything is read and checked
+its name. Every original tensor must be used, be a known leftover of the original code, belong to a head the chosen
+class does not hold, or be a buffer its module fills itself (RoBERTa's position ids, which the transformers 4.17 the
+authors pin saves; checked to hold those values); all but the used ones are reported, so nothing is dropped unnoticed.
+Hyper-parameters are read as PyTorch-Lightning 1.5 stores them (`{"config": {...}}`). Everything is read and checked
 before anything is written, and the destination appears only when complete.
 """
 
@@ -18,18 +20,32 @@ from typing import Any
 import torch
 from transformers import (
     AutoTokenizer,
+    BaseImageProcessor,
     BridgeTowerForImageAndTextRetrieval,
     BridgeTowerForMaskedLM,
+    BridgeTowerImageProcessor,
     BridgeTowerModel,
+    BridgeTowerProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    ProcessorMixin,
 )
 
 from ...io import ConversionError, check_destination, staged_directory
 from ..heads import TASK_HEADS
 from ..modeling_managertower import ManagerTowerModel
+from ..processing_managertower import ManagerTowerProcessor, image_processor_for
 from .original import OriginalConfig, load_lightning_checkpoint, read_hparams, sacred_config
-from .rules import HEAD_TENSORS, HF_BRIDGETOWER_RULES, LEFTOVERS, MANAGERTOWER_RULES, Getter, Plan, resolve
+from .rules import (
+    HEAD_TENSORS,
+    HF_BRIDGETOWER_RULES,
+    LEFTOVERS,
+    MANAGERTOWER_RULES,
+    Getter,
+    Plan,
+    check_constant_buffers,
+    resolve,
+)
 from .target import bridgetower_config, managertower_config
 
 FORMATS = ("managertower", "hf-bridgetower")
@@ -99,7 +115,8 @@ def convert_lightning_checkpoint(
     `output_format`: `managertower` (BridgeTower becomes ManagerTower's `bridge` mode) or `hf-bridgetower`.
     `image_size`: the resolution to convert to (default: the checkpoint's); CLIP's positions are resized bicubically.
     `hparams`: the sacred config (a mapping or a JSON file), used instead of the checkpoint's `hyper_parameters`.
-    `tokenizer`: a tokenizer (directory or hub name) to save with the model.
+    `tokenizer`: a tokenizer (directory or hub name): the model is saved with its processor (tokenizer and image
+    processor, as the checkpoint is evaluated: `val_transform_keys`); without one, with its image processor alone.
     """
     checkpoint, destination = Path(checkpoint), Path(destination)
     if head not in HEADS:
@@ -122,7 +139,10 @@ def convert_lightning_checkpoint(
     plan = Plan(original=original, expected={n.removeprefix(prefix): s for n, s in expected.items()})
     values, used = resolve(tensors, rules, plan)
     unused = sorted(set(tensors) - used)
-    unexpected = [name for name in unused if not (LEFTOVERS.match(name) or HEAD_TENSORS.match(name))]
+    constant = set(check_constant_buffers(tensors))
+    unexpected = [
+        name for name in unused if not (name in constant or LEFTOVERS.match(name) or HEAD_TENSORS.match(name))
+    ]
     if unexpected:
         raise ConversionError(
             f"unexpected tensors in {checkpoint.name} for a model_type {original.model_type!r} model with these "
@@ -133,11 +153,23 @@ def convert_lightning_checkpoint(
     own = model.state_dict().keys()  # the extra heads of `expected` are saved with it, not loaded into it
     model.load_state_dict({n: t for n, t in state.items() if n in own}, strict=True, assign=True)
     loaded_tokenizer = _load_tokenizer(tokenizer) if tokenizer is not None else None
+    processor = _processor(output_format, image_size or original.image_size, original.eval_transform, loaded_tokenizer)
     with staged_directory(destination) as staging:
         model.save_pretrained(staging, state_dict=state)
-        if loaded_tokenizer is not None:
-            loaded_tokenizer.save_pretrained(staging)
+        processor.save_pretrained(staging)
     return ConversionResult(destination=destination, architecture=type(model).__name__, dropped=tuple(unused))
+
+
+def _processor(
+    output_format: str, image_size: int, eval_transform: str, tokenizer: PreTrainedTokenizerBase | None
+) -> ProcessorMixin | BaseImageProcessor:
+    """What users call the model with: the processor (the image processor alone without a tokenizer)."""
+    if output_format == "managertower":
+        images: BaseImageProcessor = image_processor_for(image_size, eval_transform)
+        return images if tokenizer is None else ManagerTowerProcessor(images, tokenizer)
+    # HF BridgeTower's own processor, as its checkpoints ship it (its resize rounds sides to multiples of 32).
+    images = BridgeTowerImageProcessor(size={"shortest_edge": image_size}, crop_size={"shortest_edge": image_size})
+    return images if tokenizer is None else BridgeTowerProcessor(images, tokenizer)
 
 
 def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:

@@ -40,6 +40,7 @@ ORIGINAL_DEFAULTS: dict[str, Any] = {
     "vit_remove_last": False,
     "manager_weight_type": "vector",
     "manager_softmax_temperature": 1,
+    "val_transform_keys": ["clip"],
 }
 REQUIRED_FIELDS = (
     "model_type",
@@ -80,6 +81,7 @@ class OriginalConfig:
     managed_layers: int | None
     manager_weight_type: str
     manager_softmax_temperature: float
+    eval_transform: str
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> OriginalConfig:
@@ -147,6 +149,7 @@ class OriginalConfig:
             managed_layers=managed,
             manager_weight_type=values["manager_weight_type"],
             manager_softmax_temperature=values["manager_softmax_temperature"],
+            eval_transform=_eval_transform(values["val_transform_keys"]),
         )
 
     @property
@@ -168,6 +171,19 @@ class OriginalConfig:
                 "choose one with --head"
             )
         return heads.pop() if heads else "base"
+
+
+def _eval_transform(keys: Any) -> str:
+    """The image transform the checkpoint is evaluated with (`val_transform_keys[0]`), for its processor."""
+    from ..processing_managertower import EVAL_TRANSFORMS
+
+    key = keys[0] if isinstance(keys, (list, tuple)) and keys else keys
+    if key not in EVAL_TRANSFORMS:
+        raise ConversionError(
+            f"val_transform_keys {keys!r}: no ManagerTowerProcessor equivalent (expected ['clip'] or ['albef']); "
+            "pass --hparams with the transform the model should be used with"
+        )
+    return key
 
 
 def _active_tasks(loss_names: Any, threshold: float) -> tuple[str, ...]:

@@ -184,6 +184,14 @@ LEFTOVERS = re.compile(
     r"^(vit_model\.positional_embedding|vit_model\.ln_final\..+|.+\.softmax_temperature_cross|rank_output\..+"
     r"|(train|val|test)_\w+\..+|text_transformer\.pooler\..+)$"
 )
+# Buffers the original modules fill themselves (no learned values): transformers < 4.31 saves RoBERTa's position ids
+# with the weights (4.17, which the authors pin, does), and some 4.x versions its all-zero token type ids too.
+# Each must hold what its module builds (from the `max_position_embeddings` rows of the position table); they are
+# listed as not carried over, since the HF modules rebuild them.
+CONSTANT_BUFFERS: dict[str, tuple[str, Callable[[int], torch.Tensor]]] = {
+    TEXT + "embeddings.position_ids": ("0, 1, ..., rows - 1", lambda rows: torch.arange(rows)[None]),
+    TEXT + "embeddings.token_type_ids": ("zeros", lambda rows: torch.zeros(1, rows, dtype=torch.long)),
+}
 # Original head tensors: carried over only by a class with that head.
 HEAD_TENSORS = re.compile(
     r"^((mlm_score|itm_score|vqa_classifier|snli_classifier|nlvr2_classifier|(cross_modal_)?itc_(text|image)_head)"
@@ -217,3 +225,20 @@ def resolve(
         missing = sorted(set(missing))
         raise ConversionError(f"missing tensors in the checkpoint ({len(missing)}): {missing[:10]}")
     return values, source.used
+
+
+def check_constant_buffers(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The constant buffers present in `tensors`, each checked to hold what its module builds."""
+    present = [name for name in CONSTANT_BUFFERS if name in tensors]
+    if not present:
+        return []
+    rows = tensors[TEXT + "embeddings.position_embeddings.weight"].shape[0]
+    for name in present:
+        description, build = CONSTANT_BUFFERS[name]
+        expected, value = build(rows), tensors[name]
+        if value.shape != expected.shape or not torch.equal(value.to(expected.dtype), expected):
+            raise ConversionError(
+                f"{name} of shape {tuple(value.shape)} does not hold {description} of shape {tuple(expected.shape)}, "
+                "the values its RoBERTa module builds for the checkpoint's position table: not an authors' checkpoint"
+            )
+    return present
