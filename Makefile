@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m eval ablation
+	$(VENV)/bin/llava-manager ablation
 
 # One thread per process: tiny models gain nothing from more, and the 2-rank DeepSpeed tests share 2 cores.
 test: $(STAMP)

@@ -1,3 +1,7 @@
+import sys
+
+from llava_manager.cli import run_main
+
 from .manager_cost import main
 
-main()
+sys.exit(run_main(main, prog="python -m benchmarks"))

@@ -1,10 +1,11 @@
 """What the manager costs: Baseline, +Manager, +Grid and +Grid+Manager measured side by side in one run.
 
-    python -m benchmarks.manager_cost --size small --repeats 7
-    python -m benchmarks.manager_cost --size 0.5b                  # on a CUDA machine: bf16, sdpa, MFU
-    python -m benchmarks.manager_cost --size 0.5b --device meta    # parameter and FLOP counts only, anywhere
+    llava-manager bench --size small --repeats 7                 # (or python -m benchmarks ...)
+    llava-manager bench --size 0.5b                              # on a CUDA machine: bf16, sdpa, MFU
+    llava-manager bench --size 0.5b --device meta                # parameter and FLOP counts only, anywhere
 
-Writes `<out>/<size>-<device>.{json,md,png}` and prints the table.
+Writes `<out>/<size>-<device>.{json,md,png}` (default out: runs/benchmarks under the working directory) and prints
+the table.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from transformers import LlavaOnevisionConfig
 
 from llava_integration import apply_manager, manager_of
 from llava_integration.patch import resolve_manager_config
+from llava_manager.cli import UsageError, run_main
 from manager_plugin import ManagerConfig
 from manager_plugin.provenance import environment_provenance
 
@@ -41,12 +44,17 @@ from .measure import (
 from .report import markdown_table, mfu, overhead_ratios, plot, spread
 from .sizes import SIZES, build_config, build_model, build_processor
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path("runs/benchmarks")  # relative: under the working directory, never inside the installed package
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> argparse.Namespace:
+    """The options, every one checked (a bad value is a `UsageError`) before anything is built."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--device", default=None, help="cpu, cuda[:i] or meta (counts only); default: cuda if any")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on cpu, else bfloat16")
@@ -59,13 +67,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON, markdown and plot")
     parser.add_argument("--tag", default=None, help="file name stem (default: <size>-<device type>)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.decode_tokens < 2:
-        parser.error("need --repeats >= 1, --warmup >= 0 and --decode-tokens >= 2")
+        raise UsageError("need --repeats >= 1, --warmup >= 0 and --decode-tokens >= 2")
+    for name in ("batch_size", "text_tokens", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: expected a positive number")
+    _image_size(args.image_size, (1, 1))
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            raise UsageError(f"--device {args.device!r}: expected cpu, cuda, cuda:N or meta") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA device on this machine (cpu or meta work here)")
     return args
 
 
@@ -75,7 +95,9 @@ def _image_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
     try:
         height, width = (int(side) for side in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"--image-size {text!r}: expected HxW, e.g. 448x448") from None
+        raise UsageError(f"--image-size {text!r}: expected HxW, e.g. 448x448") from None
+    if height < 1 or width < 1:
+        raise UsageError(f"--image-size {text!r}: expected positive sides, e.g. 448x448")
     return height, width
 
 
@@ -231,8 +253,9 @@ def _measure(subjects: list[Subject], args: argparse.Namespace, device: torch.de
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> dict:
+    """Measure as the command line says; write and print the results."""
+    args = parse_args(argv, prog)
     result = run(args)
     stem = args.tag or f"{args.size}-{result['machine']['device'].split(':')[0]}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -249,4 +272,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, prog="python -m benchmarks.manager_cost"))

@@ -1,5 +1,5 @@
-"""`python -m eval {ablation,run,report,manager-weights,tasks}`: run the ablation, evaluate, tabulate it, show what
-managers learned."""
+"""`llava-manager eval {ablation,run,report,manager-weights,tasks,include-path}` (or `python -m eval ...`): run the
+ablation, evaluate, tabulate it, show what managers learned."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 from . import TASKS_DIR
 
-USAGE = """python -m eval COMMAND ...
+USAGE = """usage: {prog} COMMAND ...
 
   ablation [OPTIONS]                 the grid vs manager ablation end to end: train the four variants, evaluate,
                                      report (no options: the tiny one on CPU, 6-7 minutes; see --help)
@@ -23,44 +23,43 @@ USAGE = """python -m eval COMMAND ...
 """
 
 
-def _report(argv: list[str]) -> int:
+def _report(argv: list[str], prog: str) -> int:
     from .benchmarks import load_table
     from .report import parse_runs, write_report
 
-    parser = argparse.ArgumentParser(prog="python -m eval report", description="The grid vs manager ablation report.")
+    parser = argparse.ArgumentParser(prog=prog, description="The grid vs manager ablation report.")
     parser.add_argument("runs", nargs="+", metavar="VARIANT=RUN")
     parser.add_argument("--out", required=True, help="directory for ablation.md, ablation.csv, ablation.png")
     args = parser.parse_args(argv)
-    try:
-        _, paths = write_report(parse_runs(args.runs, load_table()), args.out)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    _, paths = write_report(parse_runs(args.runs, load_table()), args.out)
     print("\n".join(f"wrote {path}" for path in paths))
     return 0
 
 
-def _manager_weights(argv: list[str]) -> int:
+def _manager_weights(argv: list[str], prog: str) -> int:
     from .manager_weights import write_manager_weights
 
-    parser = argparse.ArgumentParser(prog="python -m eval manager-weights", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Heatmap and table of the weight each manager gives each vision layer."
+    )
     parser.add_argument("checkpoint", help="a merged checkpoint or a manager adapter directory")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="directory for manager_weights.png and manager_weights.csv")
     args = parser.parse_args(argv)
-    try:
-        paths = write_manager_weights(args.checkpoint, args.out)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    paths = write_manager_weights(args.checkpoint, args.out)
     print("\n".join(f"wrote {path}" for path in paths))
     return 0
 
 
-def _tasks(argv: list[str]) -> int:
+def _tasks(argv: list[str], prog: str) -> int:
     from .groups import PACKAGE_GROUPS, describe, protocol_tasks, task_manager
 
+    parser = argparse.ArgumentParser(
+        prog=prog, description="The tasks of this package's groups, as lmms-eval knows them."
+    )
+    parser.add_argument("groups", nargs="*", metavar="GROUP", help=f"default: {', '.join(PACKAGE_GROUPS)}")
+    groups = parser.parse_args(argv).groups
     manager = task_manager()
-    for group in argv or PACKAGE_GROUPS:
+    for group in groups or PACKAGE_GROUPS:
         names = protocol_tasks(manager, group)
         print(f"{group}: {len(names)} tasks")
         for name in names:
@@ -70,42 +69,52 @@ def _tasks(argv: list[str]) -> int:
     return 0
 
 
-def _include_path(argv: list[str]) -> int:
+def _include_path(argv: list[str], prog: str) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="The task directory for lmms-eval's --include_path.")
+    parser.parse_args(argv)
     print(TASKS_DIR)
     return 0
 
 
-def _ablation(argv: list[str]) -> int:
+def _ablation(argv: list[str], prog: str) -> int:
     from .ablation.main import main as ablation_main
 
-    return ablation_main(argv)
+    return ablation_main(argv, prog=prog)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str], prog: str) -> int:
+    from . import run as wrapper
+
+    if argv in (["-h"], ["--help"]):
+        print(f"usage: {prog} LMMS_EVAL_ARGS...\n\n{wrapper.__doc__}")
+        return 0
+    return wrapper.run(argv, prog=prog)
+
+
+COMMANDS = {
+    "ablation": _ablation,
+    "run": _run,
+    "report": _report,
+    "manager-weights": _manager_weights,
+    "tasks": _tasks,
+    "include-path": _include_path,
+}
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m eval") -> int:
+    """Dispatch `argv` to one of the evaluation commands; return the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {
-        "ablation": _ablation,
-        "report": _report,
-        "manager-weights": _manager_weights,
-        "tasks": _tasks,
-        "include-path": _include_path,
-    }
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(USAGE.format(prog=prog))
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "run":
-        from . import run as wrapper
-
-        if rest in (["-h"], ["--help"]):
-            print(wrapper.__doc__)
-            return 0
-        return wrapper.run(rest)
-    if command not in commands:
-        print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}: expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return commands[command](rest)
+    return COMMANDS[command](rest, f"{prog} {command}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llava_manager.cli import run_main
+
+    sys.exit(run_main(main, prog="python -m eval"))

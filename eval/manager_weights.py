@@ -3,8 +3,10 @@
 Read from a merged checkpoint (`config.json` with `manager_config`, weights under `model.manager.*`) or a manager
 adapter (`manager_config.json` + `manager.safetensors`) without loading the model. A static manager's weight for
 vision layer n is the mean |w_n| over channels; an adaptive manager's is the mean |gate_n| over channels (its
-per-token controller scores depend on the input and are not part of the picture). Each injection layer's weights are
-normalised to sum to 1; the manager at decoder layer 0 has no weight for the last vision layer (left blank).
+per-token controller scores depend on the input and are not part of the picture). The figure shows these magnitudes
+as they are (a trained manager's are small, ~1e-3) next to each injection layer's shares (summing to 1); a manager
+whose weights are all 0 (freshly applied, untrained) has no shares and says so. The manager at decoder layer 0 has no
+weight for the last vision layer (left blank).
 """
 
 from __future__ import annotations
@@ -63,78 +65,100 @@ def read_manager(checkpoint: str | Path) -> tuple[ManagerConfig, dict[str, torch
     return ManagerConfig.from_dict(recorded), tensors
 
 
-def layer_shares(config: ManagerConfig, tensors: dict[str, torch.Tensor]) -> np.ndarray:
-    """(injection layers, vision layers): each manager's normalised mean |weight| per vision layer; NaN if absent."""
-    shares = np.full((len(config.injection_layers), len(config.vision_layers)), np.nan)
+def layer_magnitudes(config: ManagerConfig, tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    """(injection layers, vision layers): each manager's mean |weight| per vision layer over channels; NaN if absent."""
+    magnitudes = np.full((len(config.injection_layers), len(config.vision_layers)), np.nan)
     for slot, layer in enumerate(config.injection_layers):
         found = [f"managers.{slot}.{name}" for name in STATE_NAMES if f"managers.{slot}.{name}" in tensors]
         if not found:
-            raise KeyError(f"no {' or '.join(STATE_NAMES)} for the manager of decoder layer {layer} (slot {slot})")
+            raise ValueError(f"no {' or '.join(STATE_NAMES)} for the manager of decoder layer {layer} (slot {slot})")
         magnitude = tensors[found[0]].float().abs().mean(dim=-1).numpy()
         if magnitude.shape[0] != config.num_experts(layer):
             raise ValueError(
                 f"the manager of decoder layer {layer} has {magnitude.shape[0]} vision layers, expected "
                 f"{config.num_experts(layer)}"
             )
-        total = magnitude.sum()
-        shares[slot, : magnitude.shape[0]] = magnitude / total if total > 0 else 0.0
-    return shares
+        magnitudes[slot, : magnitude.shape[0]] = magnitude
+    return magnitudes
 
 
-def plot_heatmap(config: ManagerConfig, shares: np.ndarray, path: Path, title: str) -> Path:
-    """The shares as a heatmap: decoder (injection) layers down, vision layers across, each cell's value printed."""
+def layer_shares(magnitudes: np.ndarray) -> np.ndarray:
+    """Each row of `magnitudes` as shares summing to 1; a row of zeros (an untrained manager) has no shares (NaN)."""
+    totals = np.nansum(magnitudes, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, magnitudes / np.where(totals > 0, totals, 1.0), np.nan)
+
+
+def _heatmap(axis, figure, values: np.ndarray, config: ManagerConfig, label: str, text: str, scale_max: float) -> None:
+    """One panel: decoder (injection) layers down, vision layers across, each cell's value printed."""
+    image = axis.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0, vmax=scale_max, aspect="auto")
+    axis.set_xticks(range(values.shape[1]), [str(layer) for layer in config.vision_layers])
+    axis.set_yticks(range(values.shape[0]), [str(layer) for layer in config.injection_layers])
+    axis.set_xlabel("vision layer (hidden-state index)")
+    for row in range(values.shape[0]):
+        for column in range(values.shape[1]):
+            value = values[row, column]
+            shown = format(value, text) if np.isfinite(value) else "n/a"
+            colour = "grey" if not np.isfinite(value) else "black" if value > scale_max / 2 else "white"
+            axis.text(column, row, shown, ha="center", va="center", fontsize=7, color=colour)
+    figure.colorbar(image, ax=axis, label=label)
+
+
+def plot_heatmap(config: ManagerConfig, magnitudes: np.ndarray, path: Path, title: str) -> Path:
+    """The weights' real magnitudes (left) next to each injection layer's shares (right), as heatmaps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, columns = shares.shape
-    figure, axis = plt.subplots(figsize=(max(6.5, 2.2 + 0.7 * columns), 2.4 + 0.55 * rows))
-    image = axis.imshow(np.ma.masked_invalid(shares), cmap="viridis", vmin=0, aspect="auto")
-    axis.set_xticks(range(columns), [str(layer) for layer in config.vision_layers])
-    axis.set_yticks(range(rows), [str(layer) for layer in config.injection_layers])
-    axis.set_xlabel("vision layer (hidden-state index)")
-    axis.set_ylabel("decoder layer (injection)")
-    threshold = np.nanmax(shares) / 2 if np.isfinite(shares).any() else 0
-    for row in range(rows):
-        for column in range(columns):
-            value = shares[row, column]
-            if np.isfinite(value):
-                axis.text(
-                    column,
-                    row,
-                    f"{value:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="black" if value > threshold else "white",
-                )
-            else:
-                axis.text(column, row, "n/a", ha="center", va="center", fontsize=8, color="grey")
-    figure.colorbar(image, ax=axis, label="share of the manager's weight")
-    axis.set_title(title, fontsize=10)
+    shares = layer_shares(magnitudes)
+    rows, columns = magnitudes.shape
+    figure, (magnitude_ax, share_ax) = plt.subplots(
+        1, 2, figsize=(2 * max(6.5, 2.2 + 0.7 * columns), 2.8 + 0.55 * rows), sharey=True
+    )
+    largest = float(np.nanmax(magnitudes)) if np.isfinite(magnitudes).any() else 0.0
+    _heatmap(magnitude_ax, figure, magnitudes, config, "mean |weight|", ".2g", largest or 1.0)
+    top_share = float(np.nanmax(shares)) if np.isfinite(shares).any() else 1.0
+    _heatmap(share_ax, figure, shares, config, "share of the row's weight", ".2f", top_share)
+    magnitude_ax.set_ylabel("decoder layer (injection)")
+    magnitude_ax.set_title(f"real magnitude (largest {largest:.3g})", fontsize=10)
+    untrained = np.isnan(shares).all(axis=1)
+    if untrained.all():
+        share_ax.set_title("shares: none, every weight is 0 (untrained)", fontsize=10, color="firebrick")
+    elif untrained.any():
+        share_ax.set_title("shares: each row sums to 1 (n/a rows: all weights 0)", fontsize=10)
+    else:
+        share_ax.set_title("shares: each row sums to 1", fontsize=10)
+    figure.suptitle(title, fontsize=10, color="firebrick" if untrained.all() else "black")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
 
 
+def _write_table(config: ManagerConfig, values: np.ndarray, path: Path, digits: str) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["decoder_layer", *(f"vision_{layer}" for layer in config.vision_layers)])
+        for layer, row in zip(config.injection_layers, values):
+            writer.writerow([layer, *("" if np.isnan(value) else format(value, digits) for value in row)])
+    return path
+
+
 def write_manager_weights(checkpoint: str | Path, out: str | Path) -> list[Path]:
-    """Heatmap (PNG) and table (CSV) of what the manager in `checkpoint` learned, written to `out`."""
+    """Heatmap (PNG) and tables (CSV: shares, and the mean |weight| itself) of the manager in `checkpoint`."""
     config, tensors = read_manager(checkpoint)
-    shares = layer_shares(config, tensors)
+    magnitudes = layer_magnitudes(config, tensors)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kind = "mean |w|" if config.manager_type == "static" else "mean |gate| (decoder layer 0: mean |w|)"
-    title = (
-        f"What the {config.manager_type} manager of {Path(checkpoint).resolve().name} learned\n"
-        f"per vision layer: {kind} over channels\neach row (injection layer) sums to 1"
-    )
-    png = plot_heatmap(config, shares, out / "manager_weights.png", title)
-    table = out / "manager_weights.csv"
-    with table.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["decoder_layer", *(f"vision_{layer}" for layer in config.vision_layers)])
-        for layer, values in zip(config.injection_layers, shares):
-            writer.writerow([layer, *("" if np.isnan(value) else f"{value:.6f}" for value in values)])
-    return [png, table]
+    name = Path(checkpoint).resolve().name
+    if np.nansum(magnitudes) == 0:
+        title = f"The {config.manager_type} manager of {name} is untrained: all its weights are 0, it adds nothing"
+    else:
+        title = f"What the {config.manager_type} manager of {name} learned: per vision layer, {kind} over channels"
+    return [
+        plot_heatmap(config, magnitudes, out / "manager_weights.png", title),
+        _write_table(config, layer_shares(magnitudes), out / "manager_weights.csv", ".6f"),
+        _write_table(config, magnitudes, out / "manager_weight_magnitudes.csv", ".6g"),
+    ]

@@ -27,6 +27,8 @@ from llava_integration import (
 )
 from llava_integration.processing import image_mode_of
 from llava_integration.query import instruction_query_mask
+from llava_manager.cli import quiet_libraries
+from llava_manager.models import check_model_reference
 
 from .generation import GenerationSettings
 from .likelihood import append_continuations, continuation_scores, positions_from_mask
@@ -42,6 +44,7 @@ DTYPES = {
 }
 GRID_SWITCH = {"true": True, "on": True, "yes": True, "false": False, "off": False, "no": False}
 GRID_ASPECT_RATIO = "anyres_max_9"  # the paper's grid setting, used when a square checkpoint is evaluated with grids
+quiet_libraries()  # lmms-eval runs this model in its own process, outside the llava-manager commands
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -103,6 +106,9 @@ class LlavaOvManager(lmms):
             )
         if str(batch_size).startswith("auto"):
             raise ValueError("llava_ov_manager needs a fixed --batch_size N, not 'auto'")
+        for key, value in (("pretrained", pretrained), ("manager", manager)):
+            if value is not None:
+                check_model_reference(str(value), f"llava_ov_manager {key}=")  # at once, not after hub retries
         self.batch_size_per_device = int(batch_size)
         self.max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
         self.max_frames = int(max_frames)

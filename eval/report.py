@@ -259,8 +259,9 @@ def write_csv(report: Report, path: Path) -> Path:
 COLOURS = {"baseline": "#9e9e9e", "manager": "#1f77b4", "grid": "#ffb74d", "grid_manager": "#d62728"}
 
 
-def plot(report: Report, path: Path) -> Path:
-    """Scores (left) and the manager's gains (right) per task; black diamonds mark the paper's numbers."""
+def plot(report: Report, path: Path, intervals: dict[tuple[str, str, str], tuple[float, float]] | None = None) -> Path:
+    """Scores (left) and the manager's gains (right) per task, each gain with its 95% interval where `intervals`
+    (`eval.intervals.gain_intervals`) has one; black diamonds mark the paper's numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,12 +296,19 @@ def plot(report: Report, path: Path) -> Path:
         ys = [centre + offset for centre in centres]
         gains = [_delta(row.normalised(row.ours), without, with_) for row in rows]
         paper_gains = [_delta(row.normalised(row.paper), without, with_) for row in rows]
+        spans = [(intervals or {}).get((row.task, without, with_)) for row in rows]
+        errors = [
+            [math.nan if span is None or g is None else g - span[0] for g, span in zip(gains, spans)],
+            [math.nan if span is None or g is None else span[1] - g for g, span in zip(gains, spans)],
+        ]
         gains_ax.barh(
             ys,
             [math.nan if g is None else g for g in gains],
             height=0.4,
             color=COLOURS[with_],
             label=f"{report.labels[with_]} − {report.labels[without]}",
+            xerr=errors if any(span is not None for span in spans) else None,
+            error_kw={"ecolor": "black", "capsize": 3, "elinewidth": 1},
         )
         gains_ax.scatter(
             [g for g in paper_gains if g is not None],
@@ -318,7 +326,11 @@ def plot(report: Report, path: Path) -> Path:
     scores_ax.set_xlabel("score, % of a perfect score (OCRBench ÷ 10)")
     gains_ax.set_xlabel("the manager's gain, points (OCRBench ÷ 10)")
     scores_ax.set_title("Scores per variant (◆ paper)")
-    gains_ax.set_title("Gain from the manager (◆ paper)")
+    gains_ax.set_title(
+        "Gain from the manager (◆ paper; whiskers: 95% bootstrap interval)"
+        if intervals
+        else "Gain from the manager (◆ paper; no per-document scores logged: no intervals)"
+    )
     for axis, columns in ((scores_ax, 5), (gains_ax, 1)):
         axis.grid(axis="x", alpha=0.3)
         below_label = -0.65 / (height - 1.2)  # about 0.65 inch under the axis, clear of its label
@@ -333,15 +345,19 @@ def plot(report: Report, path: Path) -> Path:
 def write_report(runs: dict[str, Path], out: str | Path, notes: Sequence[str] = ()) -> tuple[Report, list[Path]]:
     """Load each variant's results, build the report, write markdown, CSV and PNG to `out`; `notes` are added to
     the report's own."""
+    from .intervals import gain_intervals
+
     results = {name: load_results(path) for name, path in runs.items()}
     report = build_report(results)
+    rows = report.rows + ([report.average] if report.average else [])
+    intervals = gain_intervals(rows, {name: [Path(path)] for name, path in runs.items()}, GAINS)
     report.notes += list(notes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [
         write_markdown(report, out / "ablation.md"),
         write_csv(report, out / "ablation.csv"),
-        plot(report, out / "ablation.png"),
+        plot(report, out / "ablation.png", intervals),
     ]
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)

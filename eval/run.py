@@ -14,12 +14,15 @@ import argparse
 import collections
 import fnmatch
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from llava_manager.cli import UsageError
+from llava_manager.models import check_model_reference
 from manager_plugin.io import write_atomically
 
 from . import TASKS_DIR
@@ -36,7 +39,7 @@ def _pop_num_processes(argv: list[str]) -> tuple[int, list[str]]:
     parser.add_argument("--num_processes", type=int, default=1)
     known, rest = parser.parse_known_args(argv)
     if known.num_processes < 1:
-        raise ValueError(f"--num_processes must be at least 1, got {known.num_processes}")
+        raise UsageError(f"--num_processes must be at least 1, got {known.num_processes}")
     return known.num_processes, rest
 
 
@@ -51,6 +54,8 @@ def _wrapper_view(argv: list[str]) -> argparse.Namespace:
     """The few lmms-eval arguments the wrapper itself needs; everything is passed on unchanged."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--tasks")
+    parser.add_argument("--model")
+    parser.add_argument("--model_args")
     parser.add_argument("--output_path")
     parser.add_argument("--include_path")
     parser.add_argument("--predict_only", "-x", action="store_true")
@@ -93,30 +98,42 @@ def check_results(results: Results, requested: list[str], predict_only: bool, ou
 def _stream(command: list[str], keep: int = 40) -> tuple[int, list[str]]:
     """Run `command`, echoing its output as it comes; return its exit code and its last `keep` lines."""
     tail: collections.deque[str] = collections.deque(maxlen=keep)
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+    # PYTHONSAFEPATH: the working directory may hold an `eval/` output folder, which must not hide this package.
+    environment = {**os.environ, "PYTHONSAFEPATH": "1"}
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=environment
+    ) as process:
         for line in process.stdout:
             sys.stdout.write(line)
             tail.append(_COLOUR_CODES.sub("", line.rstrip("\n")))
     return process.returncode, list(tail)
 
 
-def run(argv: list[str], command: tuple[str, ...] | None = None) -> int:
+def check_model_args(model: str | None, model_args: str | None) -> None:
+    """Refuse, before lmms-eval starts, a `pretrained=` / `manager=` of this package's model that is not a model."""
+    if model != "llava_ov_manager" or not model_args:
+        return
+    for item in model_args.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() in ("pretrained", "manager") and value.strip():
+            check_model_reference(value.strip(), f"--model_args {key.strip()}=")
+
+
+def run(argv: list[str], command: tuple[str, ...] | None = None, prog: str = "python -m eval run") -> int:
     """Run lmms-eval with `argv`; return 0 only when every requested task produced results.
 
     `--num_processes N` (the wrapper's own option) starts N processes with `accelerate launch`; `command` replaces
-    the lmms-eval command line altogether. The copy at `OUTPUT/results.json` also records its provenance.
+    the lmms-eval command line altogether. The copy at `OUTPUT/results.json` also records its provenance. A missing
+    option or a model that is not there is a `UsageError`.
     """
     num_processes, argv = _pop_num_processes(argv)
     command = command or lmms_eval_command(num_processes)
     view = _wrapper_view(argv)
     if not view.output_path:
-        print(
-            "python -m eval run needs --output_path DIR (where lmms-eval writes the results it checks)", file=sys.stderr
-        )
-        return 2
+        raise UsageError(f"{prog} needs --output_path DIR (where lmms-eval writes the results it checks)")
     if not view.tasks:
-        print("python -m eval run needs --tasks NAMES", file=sys.stderr)
-        return 2
+        raise UsageError(f"{prog} needs --tasks NAMES")
+    check_model_args(view.model, view.model_args)
     args = list(argv)
     if view.include_path is None:
         args += ["--include_path", str(TASKS_DIR)]

@@ -1,19 +1,25 @@
 """Convert checkpoints between LLaVA-NeXT's format and HF LLaVA-OneVision + manager adapter.
 
-python -m llava_integration.convert SRC DST                    # LLaVA-NeXT -> HF (+ adapter for manager models)
-python -m llava_integration.convert --to-llava-next SRC DST    # HF (+ adapter or merged) -> LLaVA-NeXT
+llava-manager convert SRC DST                    # LLaVA-NeXT -> HF (+ adapter for manager models)
+llava-manager convert --to-llava-next SRC DST    # HF (+ adapter or merged) -> LLaVA-NeXT
+(or python -m llava_integration.convert ...)
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from .conversion import ConversionError, convert_hf_to_llava_next, convert_llava_next_to_hf
+from .conversion import convert_hf_to_llava_next, convert_llava_next_to_hf
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m llava_integration.convert") -> None:
+    """Convert as the command line says; a checkpoint that cannot be converted is a `ConversionError`."""
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+        prog=prog,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
     )
     parser.add_argument("source", help="the checkpoint directory to convert")
     parser.add_argument("destination", help="a new (or empty) directory for the result")
@@ -28,23 +34,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", help="LLaVA-NeXT -> HF: where the tokenizer is, if not saved in SRC")
     parser.add_argument("--manager", help="--to-llava-next: a manager adapter directory (default: one inside SRC)")
     args = parser.parse_args(argv)
-    try:
-        if args.to_llava_next:
-            if args.tokenizer:
-                parser.error("--tokenizer applies to LLaVA-NeXT -> HF only")
-            written = convert_hf_to_llava_next(
-                args.source, args.destination, manager=args.manager, vision_tower=args.vision_tower
-            )
-        else:
-            if args.manager:
-                parser.error("--manager applies to --to-llava-next only")
-            written = convert_llava_next_to_hf(
-                args.source, args.destination, vision_tower=args.vision_tower, tokenizer=args.tokenizer
-            )
-    except ConversionError as error:
-        raise SystemExit(f"convert: error: {error}") from error
+    if args.to_llava_next:
+        if args.tokenizer:
+            parser.error("--tokenizer applies to LLaVA-NeXT -> HF only")
+        written = convert_hf_to_llava_next(
+            args.source, args.destination, manager=args.manager, vision_tower=args.vision_tower
+        )
+    else:
+        if args.manager:
+            parser.error("--manager applies to --to-llava-next only")
+        written = convert_llava_next_to_hf(
+            args.source, args.destination, vision_tower=args.vision_tower, tokenizer=args.tokenizer
+        )
     print(f"wrote {written}")
 
 
 if __name__ == "__main__":
-    main()
+    from llava_manager.cli import run_main
+
+    sys.exit(run_main(main, prog="python -m llava_integration.convert"))

@@ -1,12 +1,13 @@
 """The manager on the embedded tiny LLaVA-OneVision: patch, forward, generate, and report what the manager did.
 
-`python -m llava_integration.demo [--model DIR]` uses the tiny default when no model is given; with a real
+`llava-manager demo [--model DIR]` (or `python -m llava_integration.demo`) uses the tiny default when no model is given; with a real
 LLaVA-OneVision directory it runs the same steps on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -111,13 +112,20 @@ def run(model_dir: str | None, seed: int = 0) -> None:
         print(f"greedy answer of the (random) tiny model: {answer!r}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="a LLaVA-OneVision directory (default: the embedded tiny model)")
+def main(argv: list[str] | None = None, prog: str = "python -m llava_integration.demo") -> None:
+    """Parse the options, check the model exists, run the demo."""
+    from llava_manager.models import check_model_reference
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a LLaVA-OneVision directory or hub id (default: the embedded tiny model)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.model is not None:
+        check_model_reference(args.model, "--model ")
     run(args.model, args.seed)
 
 
 if __name__ == "__main__":
-    main()
+    from llava_manager.cli import run_main
+
+    sys.exit(run_main(main, prog="python -m llava_integration.demo"))

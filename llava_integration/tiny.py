@@ -1,6 +1,6 @@
 """The embedded tiny default: a small random LLaVA-OneVision in HF format, built offline in seconds.
 
-`python -m llava_integration.tiny DIR` writes a directory that `LlavaOnevisionForConditionalGeneration` and
+`llava-manager tiny DIR` (or `python -m llava_integration.tiny DIR`) writes a directory that `LlavaOnevisionForConditionalGeneration` and
 `AutoProcessor` load with `from_pretrained`: a SigLIP tower, a Qwen2 decoder, a byte-level BPE tokenizer trained on
 an embedded corpus, the Qwen ChatML chat template, and an image processor with AnyRes grid pinpoints (1x1 .. 6x6).
 `--family llava` / `llava_next` writes a tiny LLaVA-1.5 / LLaVA-NeXT instead: a CLIP tower (CLS token, `default`
@@ -11,6 +11,7 @@ template, and HF's LLaVA / LLaVA-NeXT processor.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,8 +67,15 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_config(vocab_size: int, image_token_id: int, video_token_id: int):
-    """The tiny `LlavaOnevisionConfig`: SigLIP (6 blocks, width 32) + Qwen2 (6 layers, width 64)."""
+def build_config(
+    vocab_size: int,
+    image_token_id: int,
+    video_token_id: int,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+):
+    """The tiny `LlavaOnevisionConfig`: SigLIP (6 blocks, width 32) + Qwen2 (6 layers, width 64); with the
+    tokenizer's end and padding ids, generation stops at the end of a turn."""
     from transformers import Qwen2Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(
@@ -88,6 +96,9 @@ def build_config(vocab_size: int, image_token_id: int, video_token_id: int):
         num_key_value_heads=2,
         max_position_embeddings=8192,
         tie_word_embeddings=True,
+        bos_token_id=None,  # the ChatML template starts no text with a BOS token
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
     )
     return llava_onevision_config(vision, text, image_token_id, video_token_id, GRID_PINPOINTS)
 
@@ -147,11 +158,21 @@ def build_tiny_model(seed: int = 0):
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     config = build_config(
-        len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("<video>")
+        len(tokenizer),
+        tokenizer.convert_tokens_to_ids("<image>"),
+        tokenizer.convert_tokens_to_ids("<video>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    return model, processor
+    return _stops_at_end_of_turn(LlavaOnevisionForConditionalGeneration(config).eval(), tokenizer), processor
+
+
+def _stops_at_end_of_turn(model, tokenizer):
+    """`model` with the tokenizer's end and padding ids in its generation config, so `generate` stops at a turn's end."""
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 # LLaVA-1.5's conversation (Vicuna v1): no system turn, `USER: ` and `ASSISTANT: ` turns, images first in a turn.
@@ -195,6 +216,7 @@ def build_clip_llama_model(family: str, seed: int = 0):
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )  # fmt: skip
     common = {
         "vision_config": vision,
@@ -220,7 +242,7 @@ def build_clip_llama_model(family: str, seed: int = 0):
             **reading,
         )
     torch.manual_seed(seed)
-    return model_class(config).eval(), processor
+    return _stops_at_end_of_turn(model_class(config).eval(), tokenizer), processor
 
 
 TINY_FAMILIES = ("llava_onevision", "llava", "llava_next")
@@ -236,8 +258,9 @@ def write_tiny(directory: str | Path, seed: int = 0, family: str = "llava_onevis
     return directory
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m llava_integration.tiny") -> None:
+    """Write the tiny model to the directory the command line names."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="where to write the tiny model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=TINY_FAMILIES, default="llava_onevision")
@@ -247,4 +270,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from llava_manager.cli import run_main
+
+    sys.exit(run_main(main, prog="python -m llava_integration.tiny"))

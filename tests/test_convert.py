@@ -695,5 +695,30 @@ def test_command_line_converts_both_ways(converted, tower_dir, tmp_path, capsys)
     main([str(source), str(tmp_path / "hf")])
     main(["--to-llava-next", str(tmp_path / "hf"), str(tmp_path / "back"), "--vision-tower", str(tower_dir)])
     assert load_file(tmp_path / "back" / "model.safetensors").keys() == load_file(source / "model.safetensors").keys()
-    with pytest.raises(SystemExit, match="convert: error: .*already exists"):
+    with pytest.raises(ConversionError, match="already exists"):
         main([str(source), str(tmp_path / "hf")])
+
+
+def test_to_llava_next_refuses_a_tower_that_does_not_fit_and_writes_absolute_tower_paths(
+    converted, tower_dir, tmp_path, monkeypatch
+):
+    from transformers import SiglipVisionConfig
+
+    _, destination = converted("static_zerouni")
+    wrong = tmp_path / "siglip-8-blocks"
+    SiglipVisionConfig(**{**VISION, "num_hidden_layers": 8}).save_pretrained(wrong)  # the model keeps 6 of 7
+    with pytest.raises(ConversionError, match=r"does not fit the model's tower: num_hidden_layers 8 \(model: 7\)"):
+        convert_hf_to_llava_next(destination, tmp_path / "wrong", vision_tower=str(wrong))
+    with pytest.raises(ConversionError, match=r"hidden_size 1152 \(model: 32\)"):  # the known tower, not this one
+        convert_hf_to_llava_next(destination, tmp_path / "known", vision_tower="google/siglip-so400m-patch14-384")
+    with pytest.raises(ConversionError, match="neither a local SigLIP directory nor a known tower"):
+        convert_hf_to_llava_next(destination, tmp_path / "unknown", vision_tower="org/some-tower")
+    assert not any(path.name in ("wrong", "known", "unknown") for path in tmp_path.iterdir())
+
+    monkeypatch.chdir(tower_dir.parent)
+    back = convert_hf_to_llava_next(destination, tmp_path / "back", vision_tower=tower_dir.name)  # relative
+    written = json.loads((back / "config.json").read_text())["mm_vision_tower"]
+    assert written == str(tower_dir.resolve())
+    # ... which is what the reverse conversion reads the tower from, from any working directory
+    monkeypatch.chdir(tmp_path)
+    assert (convert_llava_next_to_hf(back, tmp_path / "again") / "config.json").is_file()

@@ -123,6 +123,7 @@ class FakeLauncher:
 def test_a_rerun_skips_finished_work_and_redoes_what_is_stale(tmp_path, capsys, one_thread):
     base = ["--out", str(tmp_path), "--data", str(tmp_path / "data"), "--model", str(tmp_path / "base")]
     (tmp_path / "data").mkdir()
+    (tmp_path / "base").mkdir()  # --model must exist
     for name in ("stage1.yaml", "stage1.5.yaml", "stage2.yaml"):
         (tmp_path / "data" / name).write_text("datasets: []\n")
 

@@ -27,6 +27,7 @@ from eval.replay import LoggedPredictions
 from eval.run import run
 from eval.tiny_data import shipped_documents
 from llava_integration import apply_manager, manager_of
+from llava_manager.cli import UsageError
 from manager_plugin import ManagerConfig
 
 LIMIT = 12  # documents per task: few, but every question kind several times
@@ -103,6 +104,9 @@ def forced(tiny_dir, tmp_path_factory):
 def cli_run(forced, tmp_path_factory):
     """`python -m eval run` (the real `python -m lmms_eval` underneath) on both tiny tasks plus an unscored one."""
     root = tmp_path_factory.mktemp("cli")
+    for name in ("eval", "training", "benchmarks"):  # packages of the working directory that must not be imported
+        (root / name).mkdir()
+        (root / name / "__init__.py").write_text(f"raise ImportError('the working directory {name}/ was imported')\n")
     tasks = shutil.copytree(TASKS_DIR, root / "tasks")
     (tasks / "unscored").mkdir()
     (tasks / "unscored" / "manager_tiny_unscored.yaml").write_text(UNSCORED_TASK)
@@ -111,6 +115,7 @@ def cli_run(forced, tmp_path_factory):
     command = [
         sys.executable,
         "-m",
+        "llava_manager",
         "eval",
         "run",
         "--model",
@@ -132,7 +137,7 @@ def cli_run(forced, tmp_path_factory):
         "--log_samples",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=500)
+    process = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=500, cwd=root)
     results = sorted(output.rglob("*_results.json"))
     assert len(results) == 1, process.stdout[-3000:] + process.stderr[-3000:]
     return process, json.loads(results[0].read_text()), output
@@ -208,7 +213,8 @@ def test_wrapper_fails_when_lmms_eval_exits_0_without_results(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "FAILED: lmms-eval wrote no results file" in err and "Error during evaluation: boom" in err
-    assert run(["--tasks", "manager_tiny"], command=fake_lmms_eval) == 2  # no --output_path to check
+    with pytest.raises(UsageError, match="needs --output_path"):  # nothing to check the results in
+        run(["--tasks", "manager_tiny"], command=fake_lmms_eval)
 
 
 def test_replay_serves_the_logged_answers(cli_run):

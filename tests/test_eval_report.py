@@ -15,6 +15,7 @@ from eval.__main__ import main
 from eval.benchmarks import load_table
 from eval.manager_weights import read_manager, write_manager_weights
 from llava_integration import apply_manager, manager_of, save_manager
+from llava_manager.cli import main as llava_manager_main
 from manager_plugin import LayerManagers, ManagerConfig
 
 # Raw lmms-eval values per variant (fractions, as lmms-eval reports them; OCRBench: fraction of 1000 points).
@@ -102,9 +103,12 @@ def test_report_says_what_is_missing(tmp_path, capsys):
     assert "note: variant +Grid (grid): its results hold none of the reported tasks" in err
     assert "note: VQAv2 (vqav2_val): missing from the results of grid" in err
 
-    assert main(["report", f"baseline={tmp_path / 'nowhere'}", "--out", str(tmp_path / "r2")]) == 2
+    # a mistake is an error line and exit status 2 (the command line's error boundary)
+    assert (
+        llava_manager_main(["eval", "report", f"baseline={tmp_path / 'nowhere'}", "--out", str(tmp_path / "r2")]) == 2
+    )
     assert "error: no lmms-eval results at" in capsys.readouterr().err
-    assert main(["report", f"gridmanager={baseline}", "--out", str(tmp_path / "r3")]) == 2
+    assert llava_manager_main(["eval", "report", f"gridmanager={baseline}", "--out", str(tmp_path / "r3")]) == 2
     assert "unknown variant 'gridmanager'" in capsys.readouterr().err
 
 
@@ -186,3 +190,43 @@ def test_manager_weights_reads_merged_checkpoints_like_adapters(tiny_model, tmp_
     (plain / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="checkpoint without a manager"):
         read_manager(plain)
+
+
+def test_manager_weights_show_real_magnitudes_and_say_when_untrained(tmp_path):
+    config, managers = paper_shaped_managers("static")
+    with torch.no_grad():
+        for parameter in managers.parameters():
+            parameter.mul_(2e-3)  # the size trained weights have
+    for name, scale in (("trained", 1.0), ("untrained", 0.0)):
+        adapter = tmp_path / name
+        adapter.mkdir()
+        state = {key: (tensor * scale).contiguous() for key, tensor in managers.state_dict().items()}
+        save_file(state, adapter / "manager.safetensors")
+        config.save(adapter)
+        write_manager_weights(adapter, tmp_path / f"{name}-out")
+    magnitudes = list(csv.reader((tmp_path / "trained-out" / "manager_weight_magnitudes.csv").open()))
+    for slot, row in enumerate(magnitudes[1:]):
+        weight = managers.managers[slot].layer_weights.abs().mean(dim=1).tolist()
+        assert [float(value) for value in row[1 : 1 + len(weight)]] == pytest.approx(weight, rel=1e-5)
+    assert 1e-4 < float(magnitudes[1][1]) < 1e-2  # as they are, not normalised
+    untrained = list(csv.reader((tmp_path / "untrained-out" / "manager_weights.csv").open()))
+    assert all(value == "" for row in untrained[1:] for value in row[1:])  # no shares of a row of zeros
+    zeros = list(csv.reader((tmp_path / "untrained-out" / "manager_weight_magnitudes.csv").open()))
+    assert {value for row in zeros[1:] for value in row[1:]} == {"0", ""}
+
+
+def test_manager_weights_title_says_untrained(tmp_path, monkeypatch):
+    import eval.manager_weights as module
+
+    titles = []
+    monkeypatch.setattr(module, "plot_heatmap", lambda config, magnitudes, path, title: titles.append(title) or path)
+    config, managers = paper_shaped_managers("static")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(
+        {key: torch.zeros_like(tensor) for key, tensor in managers.state_dict().items()},
+        adapter / "manager.safetensors",
+    )
+    config.save(adapter)
+    write_manager_weights(adapter, tmp_path / "out")
+    assert "is untrained: all its weights are 0" in titles[0]

@@ -807,7 +807,7 @@ def test_command_line_converts_and_reports_what_it_drops(converted, tmp_path, ca
     images = processor.image_processor
     assert (images.size.shortest_edge, images.do_center_crop, images.do_pad) == (IMAGE, False, False)
     assert ManagerTowerConfig.from_pretrained(tmp_path / "out").num_labels == 5  # the hparams' vqav2_label_size
-    with pytest.raises(SystemExit, match="convert: error: destination .* already exists"):
+    with pytest.raises(ConversionError, match="destination .* already exists"):
         main([str(case["root"] / "original.ckpt"), str(tmp_path / "out")])
 
 

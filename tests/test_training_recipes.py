@@ -11,7 +11,7 @@ import pytest
 from training import cli
 from training.recipe import RECIPE_DIR, RecipeError, load_recipe, recipe_names
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[1] / "llava_manager" / "scripts"
 ALL_PARTS = {"vision_tower", "projector", "manager", "language_model"}
 # REFERENCE.md, training recipe: stage 1 projector (+ manager) at 1e-3 (manager 1e-3), max len 8192, square,
 # plain prompt, LLaVA-Pretrain 558k; stages 1.5 / 2 every part at 1e-5, vision 2e-6, manager 5e-5, max len 16384,
@@ -60,7 +60,7 @@ def test_recipe_agrees_with_the_paper_table(name):
     training = recipe.training
     assert training["learning_rate"] == paper["lr"]
     assert training["lr_scheduler_type"] == "cosine" and training["warmup_steps"] == 0.03
-    assert training["num_train_epochs"] == 1 and training["bf16"] and training["gradient_checkpointing"]
+    assert training["num_train_epochs"] == 1 and training["bf16"] and training["activation_checkpointing"]
     assert training["weight_decay"] == 0.0
     # Every stage saves periodically (stage 1 is ~1090 steps at 512 a batch): a crash loses at most a few hundred.
     assert training["save_strategy"] == "steps" and training["save_steps"] <= 200 and training["save_total_limit"] >= 1
@@ -149,7 +149,7 @@ def test_launcher_takes_cluster_settings_from_the_environment():
         "DEEPSPEED",
     ):
         assert f"${{{variable}" in text, variable
-    assert "-m training" in text and "torch.distributed.run" in text
+    assert "-m llava_manager train" in text and "torch.distributed.run" in text
     assert (
         subprocess.run(["bash", "-n", str(SCRIPTS / "stage_launch.sh")], capture_output=True, check=False).returncode
         == 0

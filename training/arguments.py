@@ -10,15 +10,18 @@ or keyword arguments). Derived values, unless given explicitly: gradient accumul
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from transformers import TrainingArguments
 
 from .ds_config import configure_cpu_deepspeed_state, resolve_deepspeed, skip_cpu_inference_comm_op
+from .paths import check_paths
 from .recipe import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -128,9 +131,22 @@ def _default_report_to() -> list[str]:
     return targets or ["none"]
 
 
+# Deprecated `TrainingArguments` names and their current ones. HF uses an old name only when the new one is unset, so
+# an explicit `--gradient_checkpointing false` over a recipe's `activation_checkpointing: true` would be ignored.
+RENAMED_OPTIONS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def _current_names(options: dict[str, Any]) -> dict[str, Any]:
+    return {RENAMED_OPTIONS.get(key, key): value for key, value in options.items()}
+
+
 def _training_kwargs(recipe: Recipe, stage: StageArguments, explicit: dict[str, Any]) -> dict[str, Any]:
     """`TrainingArguments` keywords: the recipe's, the explicit ones, and the derived ones (module docstring)."""
-    kwargs = {**recipe.training, **explicit}
+    explicit = _current_names(explicit)
+    kwargs = {**_current_names(recipe.training), **explicit}
     cuda = torch.cuda.is_available()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if "bf16" not in explicit:
@@ -143,11 +159,13 @@ def _training_kwargs(recipe: Recipe, stage: StageArguments, explicit: dict[str, 
     kwargs["remove_unused_columns"] = False
     if "dataloader_num_workers" not in explicit and not cuda:
         kwargs["dataloader_num_workers"] = 0  # a CPU run is a smoke test: worker processes only compete for the cores
+    if "dataloader_pin_memory" not in explicit and not cuda:
+        kwargs["dataloader_pin_memory"] = False  # pinned memory only speeds up copies to a GPU
     if "report_to" not in explicit:
         kwargs["report_to"] = _default_report_to()
-    if kwargs.get("gradient_checkpointing") and "gradient_checkpointing_kwargs" not in explicit:
+    if kwargs.get("activation_checkpointing") and "activation_checkpointing_kwargs" not in explicit:
         # Non-reentrant checkpointing also gives gradients to LoRA / projector inputs when the embeddings are frozen.
-        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
 
     kwargs["deepspeed"] = resolve_deepspeed(kwargs.get("deepspeed"))
     if kwargs["deepspeed"] is not None:
@@ -169,6 +187,33 @@ def _training_kwargs(recipe: Recipe, stage: StageArguments, explicit: dict[str, 
     return kwargs
 
 
+def check_stage(stage: StageArguments, recipe: Recipe, explicit: dict[str, Any]) -> None:
+    """Every stage option that can be judged without the model or the data, so a mistake stops the run at once."""
+    from manager_plugin import ManagerConfig
+
+    check_paths(stage.model_name_or_path, stage.data_path, stage.image_folder)
+    overrides = stage.manager_overrides
+    if recipe.manager is None and overrides:
+        raise ValueError(f"manager options {sorted(overrides)} were given but recipe {recipe.name} has no manager")
+    if recipe.manager is not None:
+        ManagerConfig.from_dict({**recipe.manager, **overrides})  # raises on an unknown type, grid type or jitter
+    if stage.lora_r < 0:
+        raise ValueError(f"--lora_r {stage.lora_r}: expected 0 (no LoRA) or a positive rank")
+    if stage.lora_r and "language_model" not in recipe.trainable:
+        raise ValueError(
+            f"--lora_r {stage.lora_r}: LoRA adapts the language model, but recipe {recipe.name} does not train it"
+        )
+    deepspeed = resolve_deepspeed({**recipe.training, **explicit}.get("deepspeed"))
+    if (
+        stage.lora_r
+        and deepspeed
+        and json.loads(Path(deepspeed).read_text()).get("zero_optimization", {}).get("stage") == 3
+    ):
+        raise ValueError(
+            "LoRA under ZeRO-3 is not supported (its checkpoint would lack the frozen weights): use --deepspeed zero2"
+        )
+
+
 def resolve_stage(values: dict[str, Any]) -> StageSetup:
     """Build a `StageSetup` from explicitly given values (the recipe fills in everything else)."""
     unknown = sorted(set(values) - STAGE_FIELDS - TRAINING_FIELDS)
@@ -180,6 +225,7 @@ def resolve_stage(values: dict[str, Any]) -> StageSetup:
     stage = StageArguments(**{key: value for key, value in values.items() if key in STAGE_FIELDS})
     recipe = load_recipe(stage.recipe)
     explicit = {key: value for key, value in values.items() if key in TRAINING_FIELDS}
+    check_stage(stage, recipe, explicit)
     training = TrainingArguments(**_training_kwargs(recipe, stage, explicit))
     # Starting the devices now starts the process group, so the validation pass can share its work across ranks.
     logger.info("training on %s, %d process(es)", training.device, training.world_size)

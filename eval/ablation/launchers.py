@@ -53,10 +53,10 @@ class InProcessLauncher:
         self._task_manager = task_manager
 
     def train_command(self, argv: list[str]) -> list[str]:
-        return ["python", "-m", "training", *argv]
+        return ["llava-manager", "train", *argv]
 
     def eval_command(self, job: EvalJob) -> list[str]:
-        return ["python", "-m", "eval", "run", *job.cli_args(1)]
+        return ["llava-manager", "eval", "run", *job.cli_args(1)]
 
     def train(self, argv: list[str]) -> None:
         from training.cli import main
@@ -94,8 +94,9 @@ class SubprocessLauncher:
         self.env = {**os.environ, **(env or {})}
 
     def train_command(self, argv: list[str]) -> list[str]:
+        # `-m llava_manager`: unlike `-m training`, it imports the project, not a `training/` folder of the cwd.
         if self.nproc == 1:
-            return [sys.executable, "-m", "training", *argv]
+            return [sys.executable, "-m", "llava_manager", "train", *argv]
         return [
             sys.executable,
             "-m",
@@ -103,12 +104,13 @@ class SubprocessLauncher:
             "--nproc_per_node",
             str(self.nproc),
             "-m",
-            "training",
+            "llava_manager",
+            "train",
             *argv,
         ]
 
     def eval_command(self, job: EvalJob) -> list[str]:
-        return [sys.executable, "-m", "eval", "run", *job.cli_args(self.nproc)]
+        return [sys.executable, "-m", "llava_manager", "eval", "run", *job.cli_args(self.nproc)]
 
     def _run(self, command: list[str]) -> None:
         print("running: " + " ".join(command), flush=True)

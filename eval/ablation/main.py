@@ -1,4 +1,4 @@
-"""`python -m eval ablation [options]`: the grid vs manager ablation end to end, resumable.
+"""`llava-manager ablation [options]` (or `python -m eval ablation`): the grid vs manager ablation end to end, resumable.
 
 With no options, on the embedded default: writes the tiny model and the synthetic data, trains the four variants
 through their stages (the `tiny` schedule), evaluates each on manager_tiny and manager_tiny_mc, and writes the report
@@ -15,6 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from llava_manager.models import check_model_reference
+
 from .launchers import LAUNCHERS, EvalJob, InProcessLauncher, StepFailed, SubprocessLauncher
 from .plan import VARIANT_RECIPES, build_plan
 from .progress import Progress, clock
@@ -26,20 +28,21 @@ DEFAULT_TASKS = "manager_tiny,manager_tiny_mc"
 STAGE_MIXTURES = {"1": "stage1.yaml", "1.5": "stage1.5.yaml", "2": "stage2.yaml"}  # as training.synthetic writes them
 
 EXAMPLES = """examples:
-  python -m eval ablation                                   # the tiny ablation on CPU (6-7 minutes)
-  python -m eval ablation --schedule smoke --out /tmp/smoke # every step, 2 training steps each (seconds)
-  python -m eval ablation --model ckpt/llava-onevision-qwen2-0.5b-si --data data/ --tasks manager_local13 \\
+  {prog}                                   # the tiny ablation on CPU (6-7 minutes)
+  {prog} --schedule smoke --out /tmp/smoke # every step, 2 training steps each (seconds)
+  {prog} --model ckpt/llava-onevision-qwen2-0.5b-si --data data/ --tasks manager_local13 \\
       --out runs/ablation_0.5b --launcher subprocess --nproc 8 --train-args "--deepspeed zero2" \\
       --model-args dtype=bfloat16 --eval-batch-size 8         # the real ablation on an 8-GPU node
-  python -m eval ablation ... --dry-run                     # print the steps and their commands, run nothing
+  {prog} ... --dry-run                     # print the steps and their commands, run nothing
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m eval ablation") -> argparse.ArgumentParser:
+    """The ablation's options."""
     parser = argparse.ArgumentParser(
-        prog="python -m eval ablation",
+        prog=prog,
         description=__doc__.split("\n\n")[1],
-        epilog=EXAMPLES,
+        epilog=EXAMPLES.format(prog=prog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where everything goes (default {DEFAULT_OUT})")
@@ -225,6 +228,12 @@ def run(args: argparse.Namespace, launcher=None) -> int:
 
     `launcher` replaces the one `--launcher` chooses (anything with `train`, `evaluate` and their `*_command`s)."""
     try:
+        if args.model is not None:
+            check_model_reference(str(args.model), "--model ")
+        for name in ("eval_batch_size", "nproc", "limit"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise AblationError(f"--{name.replace('_', '-')} {value}: expected a positive number")
         schedule = load_schedule(args.schedule or ("tiny" if args.model is None else "full"))
         threads = choose_threads(args.threads)
         launcher = launcher or choose_launcher(args.launcher, args.nproc)
@@ -264,6 +273,6 @@ def run(args: argparse.Namespace, launcher=None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m eval ablation") -> int:
     """The command line: parse the options and run."""
-    return run(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    return run(build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv))

@@ -73,15 +73,34 @@ def truncated_tower_config(full: dict[str, Any], kept_blocks: int) -> SiglipVisi
 
 
 def tower_name_for(vision_config: SiglipVisionConfig, override: str | None = None) -> str:
-    """The `mm_vision_tower` to write for an HF tower: `override`, or the hub name of the known tower it matches."""
-    if override is not None:
-        return override
+    """The `mm_vision_tower` to write for an HF tower: the hub name of the known tower it matches, or `override` once
+    checked to fit (a local directory is written as an absolute path, a known tower as its hub name)."""
     full = {name: getattr(vision_config, name) for name in ARCHITECTURE_FIELDS}
-    full["num_hidden_layers"] += 1
-    for name, known in KNOWN_TOWERS.items():
-        if all(full[field] == value for field, value in known.items()):
-            return HUB_NAMES[name]
-    raise ConversionError(
-        f"the vision tower ({full}) matches no known tower ({sorted(KNOWN_TOWERS)}): pass --vision-tower NAME_OR_DIR "
-        "for the mm_vision_tower field LLaVA-NeXT builds the tower from"
-    )
+    full["num_hidden_layers"] += 1  # LLaVA-NeXT builds the whole tower, then deletes its last block
+    if override is None:
+        for name, known in KNOWN_TOWERS.items():
+            if all(full[field] == value for field, value in known.items()):
+                return HUB_NAMES[name]
+        raise ConversionError(
+            f"the vision tower ({full}) matches no known tower ({sorted(KNOWN_TOWERS)}): pass --vision-tower DIR (a "
+            "local SigLIP directory) for the mm_vision_tower field LLaVA-NeXT builds the tower from"
+        )
+    local = Path(override).expanduser()
+    if local.exists():
+        wanted = _read_tower_config(local)
+        written = str((local if local.is_dir() else local.parent).resolve())
+    elif local.name in KNOWN_TOWERS:
+        wanted = KNOWN_TOWERS[local.name]
+        written = override if "/" in override else HUB_NAMES[local.name]
+    else:
+        raise ConversionError(
+            f"--vision-tower {override}: neither a local SigLIP directory nor a known tower ({sorted(KNOWN_TOWERS)}), "
+            "so it cannot be checked against the model: pass the tower's local directory"
+        )
+    mismatched = [f"{field} {wanted[field]} (model: {full[field]})" for field in wanted if wanted[field] != full[field]]
+    if mismatched:
+        raise ConversionError(
+            f"--vision-tower {override} does not fit the model's tower: {', '.join(mismatched)}; the model keeps all "
+            "but the tower's last block"
+        )
+    return written

@@ -7,6 +7,7 @@ processor) that `from_pretrained` / `AutoProcessor.from_pretrained` load.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +69,17 @@ def write_tiny(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
     return directory
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m manager_plugin.managertower.tiny") -> None:
+    """Write a tiny ManagerTower to the directory the command line names."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="where to write the tiny model")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--manager-type", default="AAUE")
+    parser.add_argument("--manager-type", default="AAUE", choices=["AAUE", "SAUE", "bridge"])
     args = parser.parse_args(argv)
     print(f"wrote a tiny ManagerTower to {write_tiny(args.directory, args.seed, manager_type=args.manager_type)}")
 
 
 if __name__ == "__main__":
-    main()
+    from llava_manager.cli import run_main
+
+    sys.exit(run_main(main, prog="python -m manager_plugin.managertower.tiny"))

@@ -1,4 +1,5 @@
-"""Command line: `python -m training.managertower --recipe NAME --output-dir DIR [options]`."""
+"""Command line: `llava-manager managertower-train --recipe NAME --output-dir DIR [options]` (or
+`python -m training.managertower`)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import argparse
 import json
 import logging
 
+from llava_manager.cli import UsageError
+
 from .recipe import load_recipe, parse_overrides, recipe_names
-from .run import run
+from .run import deepspeed_config, run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.managertower", description="Train and evaluate ManagerTower on one task."
-    )
+def build_parser(prog: str = "python -m training.managertower") -> argparse.ArgumentParser:
+    """The options of a ManagerTower run."""
+    parser = argparse.ArgumentParser(prog=prog, description="Train and evaluate ManagerTower on one task.")
     parser.add_argument(
         "--recipe", required=True, help=f"a shipped recipe ({', '.join(recipe_names())}) or a YAML path"
     )
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--eval-only", action="store_true", help="only evaluate --model (a checkpoint of this task)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (sets training.max_steps)")
-    parser.add_argument("--deepspeed", help="zero2, zero3 (training/deepspeed/*.json) or a DeepSpeed config path")
+    parser.add_argument("--deepspeed", help="zero2 or zero3 (the shipped ZeRO configs) or a DeepSpeed config path")
     parser.add_argument(
         "--set",
         action="append",
@@ -35,16 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def main(argv: list[str] | None = None, prog: str = "python -m training.managertower") -> dict[str, float]:
+    """Train (or only evaluate) as the command line says; print and return the metrics."""
+    from llava_manager.models import check_model_reference
+
+    args = build_parser(prog).parse_args(argv)
+    recipe = load_recipe(args.recipe)
+    if args.model:
+        check_model_reference(args.model, "--model ")
+    if args.eval_only and not args.model:
+        raise UsageError("--eval-only evaluates --model: give the checkpoint to evaluate")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps {args.max_steps}: expected a positive number")
+    deepspeed_config(args.deepspeed)
     overrides = parse_overrides(args.set)
     if args.max_steps is not None:
         overrides.setdefault("training", {})["max_steps"] = args.max_steps
     if args.model:
         overrides.setdefault("model", {})["init_from"] = args.model
+    recipe.with_overrides(overrides)  # raises on a key the recipe does not have, before anything is written
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     metrics = run(
-        load_recipe(args.recipe),
+        recipe,
         args.output_dir,
         synthetic=args.synthetic,
         overrides=overrides,

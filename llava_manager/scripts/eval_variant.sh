@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evaluate one ablation variant's checkpoint in one phase of the paper's protocol.
 #
-#   scripts/eval_variant.sh VARIANT CHECKPOINT OUT_ROOT PHASE [extra lmms-eval args...]
+#   llava-manager script eval_variant VARIANT CHECKPOINT OUT_ROOT PHASE [extra lmms-eval args...]
 #
 # VARIANT   baseline | manager | grid | grid_manager   (grid and grid_manager evaluate with AnyRes grids)
 # PHASE     local    the 13 locally scored tasks (manager_local13)
@@ -42,4 +42,4 @@ case "$PHASE" in
     TASKS=(--tasks manager_tiny,manager_tiny_mc) ;;
   *) echo "unknown phase '$PHASE': expected local, predict, score or tiny" >&2; exit 2 ;;
 esac
-exec "$PYTHON" -m eval run "${MODEL[@]}" "${TASKS[@]}" "${COMMON[@]}" "$@"
+exec "$PYTHON" -m llava_manager eval run "${MODEL[@]}" "${TASKS[@]}" "${COMMON[@]}" "$@"

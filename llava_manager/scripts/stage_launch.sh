@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Launch one training stage: `RECIPE=<name> [PREVIOUS=<recipe>] bash scripts/stage_launch.sh [extra options]`.
-# The scripts/stage*.sh wrappers set RECIPE and PREVIOUS; everything else comes from the environment:
+# Launch one training stage: `RECIPE=<name> [PREVIOUS=<recipe>] llava-manager script stage_launch [extra options]`.
+# The stage* scripts set RECIPE and PREVIOUS; everything else comes from the environment:
 #   NNODES (1)  NPROC_PER_NODE (GPUs on this node, else 1)  NODE_RANK (0)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)
 #   CHECKPOINTS (checkpoints)  MODEL (${CHECKPOINTS}/${PREVIOUS}; required for stage 1)  OUTPUT (${CHECKPOINTS}/${RECIPE})
 #   DATA (required: json / jsonl / mixture yaml)  IMAGES (image folder)  DEEPSPEED (zero2 | zero3 | path | none)
 #   PYTHON (python)
-# Extra options go to `python -m training` (any TrainingArguments field, e.g. --max_steps 10).
+# Extra options go to `llava-manager train` (any TrainingArguments field, e.g. --max_steps 10).
 set -euo pipefail
 
-: "${RECIPE:?set RECIPE to a recipe name (python -m training --help lists them)}"
+: "${RECIPE:?set RECIPE to a recipe name (llava-manager train --help lists them)}"
 CHECKPOINTS="${CHECKPOINTS:-checkpoints}"
 if [[ -n "${PREVIOUS:-}" ]]; then
     MODEL="${MODEL:-${CHECKPOINTS}/${PREVIOUS}}"
@@ -34,4 +34,4 @@ ARGS=(--recipe "${RECIPE}" --model_name_or_path "${MODEL}" --data_path "${DATA}"
 exec "${PYTHON}" -m torch.distributed.run \
     --nnodes "${NNODES}" --nproc_per_node "${NPROC_PER_NODE}" --node_rank "${NODE_RANK}" \
     --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}" \
-    -m training "${ARGS[@]}" "$@"
+    -m llava_manager train "${ARGS[@]}" "$@"
