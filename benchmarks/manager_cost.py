@@ -23,7 +23,7 @@ from transformers import LlavaOnevisionConfig
 from llava_integration import apply_manager, manager_of
 from llava_integration.patch import resolve_manager_config
 from llava_manager.cli import UsageError, run_main
-from manager_plugin import ManagerConfig
+from manager_plugin import MANAGER_TYPES, ManagerConfig
 from manager_plugin.provenance import environment_provenance
 
 from . import flops as flop_model
@@ -34,6 +34,7 @@ from .measure import (
     VARIANTS,
     Subject,
     generate_timed,
+    generate_tokens,
     prefill,
     step_peak_memories,
     synchronizer,
@@ -71,10 +72,19 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m benchmarks"
     parser.add_argument("--tag", default=None, help="file name stem (default: <size>-<device type>)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--manager-type", default="static", help="the manager of the manager variants (static, adaptive_last, ...)"
+    )
+    parser.add_argument(
+        "--generate-tokens", type=int, default=32, help="tokens generate makes in the peak-memory measurement"
+    )
+    parser.add_argument("--memory-only", action="store_true", help="peak memory only, no timings")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.decode_tokens < 2:
         raise UsageError("need --repeats >= 1, --warmup >= 0 and --decode-tokens >= 2")
-    for name in ("batch_size", "text_tokens", "threads"):
+    if args.manager_type not in MANAGER_TYPES:
+        raise UsageError(f"--manager-type {args.manager_type!r}: expected one of {', '.join(MANAGER_TYPES)}")
+    for name in ("batch_size", "text_tokens", "threads", "generate_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value}: expected a positive number")
@@ -123,7 +133,8 @@ def run(args: argparse.Namespace) -> dict:
     base = build_model(config, device, dtype, args.attention, seed=args.seed)
     models = {False: base}
     if any(variant.manager for variant in variants):
-        models[True] = apply_manager(copy.deepcopy(base))  # the same base weights, plus the manager
+        # The same base weights, plus the manager.
+        models[True] = apply_manager(copy.deepcopy(base), ManagerConfig(manager_type=args.manager_type))
 
     batches, labels, workloads = {}, {}, {}
     for aspect in {variant.aspect for variant in variants}:
@@ -136,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
             labels[aspect] = labels[aspect].to(device)
         batches[aspect] = batch
 
-    manager_config = resolve_manager_config(config, ManagerConfig())
+    manager_config = resolve_manager_config(config, ManagerConfig(manager_type=args.manager_type))
     result = {
         "size": args.size,
         "machine": describe(device),
@@ -148,6 +159,7 @@ def run(args: argparse.Namespace) -> dict:
             "image_size": f"{image_size[0]}x{image_size[1]}",
             "text_tokens": text_tokens,
             "decode_tokens": args.decode_tokens,
+            "generate_tokens": args.generate_tokens,
             "repeats": args.repeats,
             "warmup": args.warmup,
             "seed": args.seed,
@@ -219,7 +231,19 @@ def _measure(subjects: list[Subject], args: argparse.Namespace, device: torch.de
     for subject in subjects:
         steps[f"train/{subject.variant.name}"] = partial(train_step, subject)
         steps[f"prefill/{subject.variant.name}"] = partial(prefill, subject)
+        steps[f"generate/{subject.variant.name}"] = partial(generate_tokens, subject, args.generate_tokens)
     peaks = step_peak_memories(steps, device)
+    memory = {
+        subject.variant.name: {
+            f"{kind}_peak_{scope}": peaks[f"{kind}/{subject.variant.name}"][key]
+            for kind in ("train", "prefill", "generate")
+            for scope, key in (("bytes", "step"), ("total_bytes", "total"))
+        }
+        | {"weight_bytes": _weight_bytes(subject.model)}
+        for subject in subjects
+    }
+    if args.memory_only:
+        return {"memory": memory}
     for _ in range(args.warmup):  # ... then a clean warm-up of what is timed
         for subject in subjects:
             train_step(subject)
@@ -239,18 +263,23 @@ def _measure(subjects: list[Subject], args: argparse.Namespace, device: torch.de
         measurements[name] = {
             **summary,
             "decode_tokens_per_s": {key: batch_size / decode[key] for key in ("min", "median", "max")},
-            "train_peak_bytes": peaks[f"train/{name}"]["step"],
-            "prefill_peak_bytes": peaks[f"prefill/{name}"]["step"],
-            "train_peak_total_bytes": peaks[f"train/{name}"]["total"],
+            **memory[name],
             "achieved_train_tflops": totals["train"] / summary["train_step_s"]["median"] / 1e12,
             "mfu_train": mfu(totals["train"], summary["train_step_s"]["median"], peak_tflops),
             "mfu_prefill": mfu(totals["prefill"], summary["prefill_s"]["median"], peak_tflops),
         }
     return {
+        "memory": memory,
         "measurements": measurements,
         "ratios": overhead_ratios(timings),
         "grid_cost": overhead_ratios(timings, {"grid": "baseline"}).get("grid"),
     }
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (tied weights once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> dict:

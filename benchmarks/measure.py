@@ -118,6 +118,14 @@ def generate_timed(subject: Subject, new_tokens: int, sync: Callable[[], None]) 
 
 
 @torch.no_grad()
+def generate_tokens(subject: Subject, new_tokens: int) -> None:
+    """Greedy `generate` of exactly `new_tokens` (prefill + decode steps), untimed: for its peak memory."""
+    subject.select().eval().generate(
+        **subject.batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+    )
+
+
+@torch.no_grad()
 def prefill(subject: Subject) -> None:
     """One prefill forward, as `generate` runs it: cache on, logits of the last position only."""
     subject.select().eval()(**subject.batch, use_cache=True, logits_to_keep=1)

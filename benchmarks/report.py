@@ -144,17 +144,8 @@ def markdown_table(result: dict) -> str:
                 excess = [ratios[k]["median"] / floor - 1 for k in (metric, CPU_TWIN[metric]) if k in ratios]
                 cells.append(" / ".join(f"{100 * e:+.1f}%" for e in excess) or "-")
             lines.append("| " + " | ".join(cells) + " |")
-    if measured:
-        memory = []
-        for variant, base in MANAGER_PAIRS.items():
-            if variant in measured and base in measured:
-                step = measured[variant]["train_peak_bytes"] / measured[base]["train_peak_bytes"]
-                total = measured[variant].get("train_peak_total_bytes")
-                total = "" if total is None else f", x{total / measured[base]['train_peak_total_bytes']:.3f} in total"
-                memory.append(
-                    f"{VARIANTS[variant].label} / {VARIANTS[base].label} x{step:.3f} above the step's start{total}"
-                )
-        lines += ["", "Peak training memory: " + "; ".join(memory) + "."]
+    if "memory" in result:
+        lines += ["", *memory_table(result)]
     grid = result.get("grid_cost")
     if grid:
         flops = {
@@ -170,6 +161,44 @@ def markdown_table(result: dict) -> str:
             ),
         ]
     return "\n".join(lines) + "\n"
+
+
+def memory_table(result: dict) -> list[str]:
+    """Peak memory per variant and step, and each manager variant's peak over its reference's."""
+    memory, settings = result["memory"], result["settings"]
+    mib = 2**20
+    lines = [
+        (
+            f"Peak memory (tensor bytes above the step's start; 'with weights' adds the parameters and buffers; "
+            f"CUDA: allocator peaks), generate = prefill + {settings.get('generate_tokens', '?')} greedy tokens:"
+        ),
+        "",
+        "| variant | weights MiB | train step MiB | prefill MiB | generate MiB | generate with weights MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, peaks in memory.items():
+        lines.append(
+            f"| {VARIANTS[name].label} | {peaks['weight_bytes'] / mib:.1f} | {peaks['train_peak_bytes'] / mib:.1f} | "
+            f"{peaks['prefill_peak_bytes'] / mib:.1f} | {peaks['generate_peak_bytes'] / mib:.1f} | "
+            f"{(peaks['generate_peak_bytes'] + peaks['weight_bytes']) / mib:.1f} |"
+        )
+    lines += [
+        "",
+        "| manager / reference | train step | prefill | generate | generate with weights |",
+        "|---|---|---|---|---|",
+    ]
+    for variant, base in MANAGER_PAIRS.items():
+        if variant not in memory or base not in memory:
+            continue
+        ours, theirs = memory[variant], memory[base]
+        cells = [f"x{ours[f'{kind}_peak_bytes'] / theirs[f'{kind}_peak_bytes']:.3f}" for kind in ("train", "prefill")]
+        cells.append(f"x{ours['generate_peak_bytes'] / theirs['generate_peak_bytes']:.3f}")
+        with_weights = (ours["generate_peak_bytes"] + ours["weight_bytes"]) / (
+            theirs["generate_peak_bytes"] + theirs["weight_bytes"]
+        )
+        cells.append(f"x{with_weights:.3f}")
+        lines.append(f"| {VARIANTS[variant].label} / {VARIANTS[base].label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:

@@ -3,7 +3,7 @@
 Each size is data: the SigLIP and Qwen2 shapes, the crop size, and the default workload (image size, text length).
 Weights are random; only shapes matter for cost. `small` is 0.5B with every width divided by 4 (layer counts,
 head dims and the vision/LLM/projector proportions kept, vocabulary scaled with the width) and 224 px crops, so the
-paper's 13 managed vision layers and 6 injection layers apply unchanged.
+paper's 13 managed vision layers and 6 injection layers apply unchanged; `small384` is `small` with the real 384 px crops.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ SIZES: dict[str, BenchSize] = {
     ),
     # 0.5B / 4 in width: SigLIP 288 (4 heads of 72), Qwen2 224 (4 heads of 56, 2 KV heads), 256 tokens per crop.
     "small": BenchSize(288, 1076, 26, 4, 224, 14, 224, 1216, 24, 4, 2, 37984, (448, 448), 64),
+    # `small` at the real geometry: 384 px crops of 14 px patches, 729 tokens per crop (a 2x2 grid: 3,645).
+    "small384": BenchSize(288, 1076, 26, 4, 384, 14, 224, 1216, 24, 4, 2, 37984, (768, 768), 64),
     # LLaVA-OneVision-0.5B: SigLIP so400m-patch14-384 without its last block + Qwen2-0.5B.
     "0.5b": BenchSize(1152, 4304, 26, 16, 384, 14, 896, 4864, 24, 14, 2, 151936, (768, 768), 64),
 }

@@ -1,34 +1,12 @@
-"""Log-likelihoods of continuations after prompts, for a whole batch in one forward pass."""
+"""Log-likelihoods of continuations (the choices of multiple-choice tasks) after shared prompts: each prompt, with
+its images and the manager's features, runs once; its KV cache serves every continuation of that prompt."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-
-
-def append_continuations(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, continuations: Sequence[Sequence[int]], pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded `prompt + continuation` ids, their attention mask, and each continuation's length.
-
-    The prompts come left-padded from the processor (images already expanded into their tokens); the continuations
-    are token ids, appended after each prompt so that every continuation ends at the last position.
-    """
-    rows = [
-        torch.cat([ids[mask.bool()], torch.as_tensor(list(continuation), dtype=ids.dtype, device=ids.device)])
-        for ids, mask, continuation in zip(input_ids, attention_mask, continuations)
-    ]
-    length = max(row.numel() for row in rows)
-    ids = input_ids.new_full((len(rows), length), pad_token_id)
-    mask = attention_mask.new_zeros((len(rows), length))
-    for index, row in enumerate(rows):
-        ids[index, length - row.numel() :] = row
-        mask[index, length - row.numel() :] = 1
-    lengths = torch.tensor([len(continuation) for continuation in continuations], device=input_ids.device)
-    if bool((lengths == 0).any()):
-        raise ValueError("every continuation needs at least one token; got an empty one")
-    return ids, mask, lengths
+from torch import nn
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -36,18 +14,61 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
-def continuation_scores(
-    logits: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor
+def right_padded(
+    continuations: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each row's last `lengths` tokens, and whether greedy decoding would produce them.
+    """Continuation ids right-padded to one length, and their mask; an empty continuation is an error."""
+    if any(len(continuation) == 0 for continuation in continuations):
+        raise ValueError("every continuation needs at least one token; got an empty one")
+    length = max(len(continuation) for continuation in continuations)
+    ids = torch.full((len(continuations), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(continuations), length), dtype=torch.long)
+    for row, continuation in enumerate(continuations):
+        ids[row, : len(continuation)] = torch.as_tensor(list(continuation))
+        mask[row, : len(continuation)] = 1
+    return ids.to(device), mask.to(device)
 
-    `logits` are the model's last `max(lengths) + 1` positions (`logits_to_keep`), `input_ids` the full batch.
+
+@torch.inference_mode()
+def continuation_scores(
+    model: nn.Module,
+    prompt_inputs: dict,
+    prompt_of: Sequence[int],
+    continuations: Sequence[Sequence[int]],
+    pad_token_id: int,
+    **prompt_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each continuation after its prompt (`prompt_of[k]`: a row of the left-padded
+    `prompt_inputs`), and whether greedy decoding would produce it.
+
+    One forward encodes the prompts (images included) into a KV cache; the cache is repeated per continuation and one
+    more forward scores every continuation token. Causal attention makes this equal to scoring each prompt +
+    continuation from scratch; right padding of the continuations touches no real token.
     """
-    window = int(lengths.max())
-    predicting = logits[:, -window - 1 : -1].float()  # position t predicts token t + 1
-    targets = input_ids[:, -window:]
-    in_continuation = torch.arange(window, device=lengths.device) >= window - lengths[:, None]
-    token_logprobs = torch.log_softmax(predicting, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    loglikelihood = torch.where(in_continuation, token_logprobs, 0.0).sum(dim=-1)
-    greedy = ((predicting.argmax(dim=-1) == targets) | ~in_continuation).all(dim=-1)
+    prompt_mask = prompt_inputs["attention_mask"]
+    prompt = model(
+        **prompt_inputs,
+        **prompt_kwargs,
+        position_ids=positions_from_mask(prompt_mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    index = torch.as_tensor(list(prompt_of), device=prompt_mask.device)
+    cache = prompt.cache
+    cache.reorder_cache(index)  # one copy of each prompt's keys and values per continuation
+    ids, mask = right_padded(continuations, pad_token_id, prompt_mask.device)
+    positions = prompt_mask.sum(dim=1, keepdim=True)[index] + torch.arange(ids.shape[1], device=ids.device)
+    logits = model(
+        input_ids=ids,
+        attention_mask=torch.cat([prompt_mask[index], mask.to(prompt_mask.dtype)], dim=1),
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+    ).logits
+    # The prompt's last position predicts each continuation's first token; continuation token t predicts t + 1.
+    predicting = torch.cat([prompt.logits[index, -1:], logits[:, :-1]], dim=1).float()
+    token_logprobs = torch.log_softmax(predicting, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+    valid = mask.bool()
+    loglikelihood = torch.where(valid, token_logprobs, 0.0).sum(dim=-1)
+    greedy = ((predicting.argmax(dim=-1) == ids) | ~valid).all(dim=-1)
     return loglikelihood, greedy

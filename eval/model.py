@@ -31,7 +31,7 @@ from llava_manager.cli import quiet_libraries
 from llava_manager.models import check_model_reference
 
 from .generation import GenerationSettings
-from .likelihood import append_continuations, continuation_scores, positions_from_mask
+from .likelihood import continuation_scores
 from .prompting import chat_prompt, request_media
 
 DTYPES = {
@@ -199,40 +199,41 @@ class LlavaOvManager(lmms):
         return answers
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
-        """For each request, `(negative log-likelihood of the continuation, whether greedy decoding gives it)`."""
+        """For each request, `(negative log-likelihood of the continuation, whether greedy decoding gives it)`.
+
+        The requests of one document (its choices) share one prompt: its images and the manager's features are
+        encoded once, and its KV cache serves every choice. Batches hold `batch_size` documents.
+        """
         unconditional = [request for request in requests if len(request.args) != 6]
         if unconditional:
             raise ValueError(
                 f"{unconditional[0].task_name}: llava_ov_manager scores continuations of a document's prompt; "
                 "unconditional requests (the acc_mutual_info metric) are not supported"
             )
+        prompts: dict[tuple, list[int]] = {}  # (task, split, doc_id, context) -> its requests, in order
+        for index, request in enumerate(requests):
+            context, _, _, doc_id, task, split = request.args
+            prompts.setdefault((task, split, doc_id, context), []).append(index)
+        groups = list(prompts.values())
         scores: list[GenerationResult | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="llava_ov_manager loglikelihood")
-        for batch in self._batches(requests, key=lambda request: ""):
-            batch_requests = [requests[index] for index in batch]
-            prompts, images, videos = self._prompts_and_media(batch_requests)
-            continuations = [
-                self.tokenizer(self._continuation(request), add_special_tokens=False)["input_ids"]
-                for request in batch_requests
-            ]
-            inputs = self._encode(prompts, images, videos)
-            input_ids, attention_mask, lengths = append_continuations(
-                inputs["input_ids"], inputs["attention_mask"], continuations, self.tokenizer.pad_token_id
-            )
-            inputs["input_ids"], inputs["attention_mask"] = input_ids, attention_mask
-            query_mask = self._query_mask(input_ids, attention_mask)
+        firsts = [requests[group[0]] for group in groups]
+        for batch in self._batches(firsts, key=lambda request: ""):
+            prompt_texts, images, videos = self._prompts_and_media([firsts[g] for g in batch])
+            inputs = self._encode(prompt_texts, images, videos)
+            query_mask = self._query_mask(inputs["input_ids"], inputs["attention_mask"])
             extra = {} if query_mask is None else {QUERY_MASK_KWARG: query_mask}
-            with torch.inference_mode():
-                logits = self._model(
-                    **inputs,
-                    **extra,
-                    position_ids=positions_from_mask(attention_mask),
-                    logits_to_keep=int(lengths.max()) + 1,
-                ).logits
-            loglikelihood, greedy = continuation_scores(logits, input_ids, lengths)
-            for index, value, is_greedy in zip(batch, loglikelihood.tolist(), greedy.tolist()):
+            rows = [(slot, index) for slot, g in enumerate(batch) for index in groups[g]]
+            continuations = [
+                self.tokenizer(self._continuation(requests[index]), add_special_tokens=False)["input_ids"]
+                for _, index in rows
+            ]
+            loglikelihood, greedy = continuation_scores(
+                self._model, inputs, [slot for slot, _ in rows], continuations, self.tokenizer.pad_token_id, **extra
+            )
+            for (_, index), value, is_greedy in zip(rows, loglikelihood.tolist(), greedy.tolist()):
                 scores[index] = GenerationResult(text=(-value, bool(is_greedy)))
-            progress.update(len(batch))
+            progress.update(len(rows))
         progress.close()
         return scores
 

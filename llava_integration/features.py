@@ -23,14 +23,15 @@ def patches_per_image(
     """How many crops (base view first) HF's `get_image_features` cuts each image into."""
     if vision_aspect_ratio == SQUARE:
         return [1] * len(image_sizes)
-    # As HF decides it: an image of a multi-image sample keeps its base view only.
+    # As HF decides it: an image of a multi-image sample keeps its base view only. One host copy of each tensor, not
+    # one device sync per image.
     if batch_num_images is None:
         grids = [True] * len(image_sizes)
     else:
-        grids = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+        grids = [n == 1 for n in batch_num_images.tolist() for _ in range(n)]
     return [
         image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) if grid else 1
-        for size, grid in zip(image_sizes, grids)
+        for size, grid in zip(image_sizes.tolist(), grids)
     ]
 
 

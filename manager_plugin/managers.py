@@ -2,7 +2,8 @@
 
 A manager sees `experts` of shape `(..., N, D)` (N stacked expert layers) and returns `(..., D)`. Adaptive managers
 also see the stream's current `state` `(B, L, D)` at those tokens and, for the query variants, `query` tokens
-`(B, Q, D)` with a boolean `query_mask` `(B, Q)`.
+`(B, Q, D)` with a boolean `query_mask`: `(B, Q)` (every token of a row reads the same query tokens) or `(B, L, Q)`
+(each token its own, e.g. the tokens of several samples flattened into one row, each reading its sample's query).
 
 Adding a variant is one entry in `MANAGER_TYPES`.
 """
@@ -73,20 +74,28 @@ class QueryAttention(nn.Module):
 
     def forward(self, state: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         scores = self.q_proj(state) @ self.k_proj(query).transpose(-1, -2) / math.sqrt(self.q_proj.out_features)
-        scores = scores.masked_fill(~query_mask[:, None, :], torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~_per_token(query_mask), torch.finfo(scores.dtype).min)
         return torch.softmax(scores, dim=-1) @ query
 
 
+def _per_token(query_mask: torch.Tensor) -> torch.Tensor:
+    """A `(B, Q)` query mask as `(B, 1, Q)`, broadcastable like a per-token `(B, L, Q)` one."""
+    return query_mask[:, None, :] if query_mask.dim() == 2 else query_mask
+
+
 def _last_query(state: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-    last = (query_mask.sum(dim=1) - 1).clamp(min=0)
-    picked = query[torch.arange(query.shape[0], device=query.device), last]
-    return picked[:, None, :].expand_as(state)
+    """The last query token the mask keeps (by position, whatever the mask's shape: not its count of tokens)."""
+    mask = _per_token(query_mask)
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    last = torch.where(mask, positions, 0).amax(dim=-1)  # (B, 1 or L); an empty mask picks token 0
+    picked = query.gather(1, last[..., None].expand(-1, -1, query.shape[-1]))
+    return picked.expand_as(state)
 
 
 def _average_query(state: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-    mask = query_mask[..., None].to(query.dtype)
-    mean = (query * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-    return mean[:, None, :].expand_as(state)
+    mask = _per_token(query_mask).to(query.dtype)
+    mean = (mask @ query) / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    return mean.expand_as(state)
 
 
 class AdaptiveManager(Manager):
@@ -117,6 +126,31 @@ class AdaptiveManager(Manager):
         self, state: torch.Tensor | None, query: torch.Tensor | None, query_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Per-token weights `(..., N, D)`: the controller's layer scores times the gate."""
+        return self.layer_scores(state, query, query_mask)[..., None] * self.gate
+
+    def forward(
+        self,
+        experts: torch.Tensor,
+        state: torch.Tensor | None = None,
+        query: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.training:  # the jitter perturbs every per-token weight: they are materialised
+            return super().forward(experts, state, query, query_mask)
+        if experts.dim() < 2 or experts.shape[-2] != self.num_experts:
+            raise ValueError(f"expected experts of shape (..., {self.num_experts}, hidden), got {tuple(experts.shape)}")
+        # Inference: sum_n s_n * (gate_n * experts_n) layer by layer, never a (tokens, N, D) weight or product tensor.
+        scores = self.layer_scores(state, query, query_mask).to(experts.dtype)
+        gate = self.gate.to(experts.dtype)
+        out = scores[..., 0, None] * (gate[0] * experts[..., 0, :])
+        for n in range(1, self.num_experts):
+            out = out + scores[..., n, None] * (gate[n] * experts[..., n, :])
+        return out
+
+    def layer_scores(
+        self, state: torch.Tensor | None, query: torch.Tensor | None, query_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Per-token layer scores `(..., N)` of the controller, from the state and the query's summary."""
         if state is None:
             raise ValueError("an adaptive manager needs the stream's state at the managed tokens")
         controller_input = state
@@ -132,8 +166,7 @@ class AdaptiveManager(Manager):
             else:
                 readout = _POOLED_QUERY[self.query_type](state, query, query_mask)
             controller_input = torch.cat((readout, state), dim=-1)
-        scores = self.controller(controller_input)  # (..., N)
-        return scores[..., None] * self.gate
+        return self.controller(controller_input)
 
 
 QUERY_TYPES = (None, "last", "average", "cross")

@@ -36,6 +36,7 @@ def test_smoke_run_writes_the_table_json_and_plot(tmp_path):
     assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "smoke.md").read_text()
     assert all(f"| {variant.label} |" in table for variant in VARIANTS.values())
+    assert "| manager / reference | train step | prefill | generate | generate with weights |" in table
 
     assert {"cpu", "device_name", "torch_threads"} <= set(result["machine"])
     assert result["provenance"]["libraries"]["torch"] == torch.__version__.split("+")[0]
@@ -59,6 +60,7 @@ def test_smoke_run_writes_the_table_json_and_plot(tmp_path):
         for metric in [*TIMED, *CPU_TWIN.values()]:
             _check_spread(measured[metric], REPEATS)
         assert measured["train_peak_bytes"] > 0 and measured["prefill_peak_bytes"] > 0
+        assert measured["generate_peak_bytes"] > 0 and measured["weight_bytes"] > 0
         assert measured["mfu_train"] is None  # no accelerator peak on CPU
 
 

@@ -156,6 +156,38 @@ def test_loglikelihood_is_the_continuations_negative_log_probability(static_chec
         assert greedy == expected_greedy
 
 
+CHOICES = ["red", "blue square", "yes", "A", "left of the circle"]
+
+
+def test_multiple_choice_encodes_each_document_once_and_scores_like_one_choice_at_a_time(static_checkpoint):
+    evaluated = evaluation_model(static_checkpoint, batch_size=2)
+    choice_requests = [
+        Instance(
+            request_type="loglikelihood",
+            arguments=(document["text"], choice, visuals, doc_id, TASK, SPLIT),
+            idx=choice_index,
+            metadata={"task": TASK, "doc_id": doc_id, "repeats": 1},
+        )
+        for choice_index, choice in enumerate(CHOICES[:4])
+        for doc_id, document in enumerate(documents())
+    ]  # choice-major: the choices of one document are not neighbours
+    encodings = []
+    spy = evaluated.model.model.vision_tower.register_forward_hook(lambda *_: encodings.append(1))
+    try:
+        scores = evaluated.loglikelihood(choice_requests)
+    finally:
+        spy.remove()
+    assert len(encodings) == 3  # one vision pass per batch of 2 documents (5 documents), not one per choice (20)
+
+    reference = load_model(static_checkpoint, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(static_checkpoint)
+    for score, request in zip(scores, choice_requests):
+        _, choice, _, doc_id, _, _ = request.args
+        expected, expected_greedy = reference_loglikelihood(reference, processor, documents()[doc_id], choice)
+        assert -score.text[0] == pytest.approx(expected, abs=1e-5)
+        assert score.text[1] == expected_greedy
+
+
 def instruction_tokens(processor):
     """The instruction by hand: the user turn's text around the images, without its role name, images and blanks."""
     tokenizer = processor.tokenizer

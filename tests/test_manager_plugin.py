@@ -125,31 +125,62 @@ def test_adaptive_manager_matches_its_formula():
     torch.testing.assert_close(manager(experts, state=state), expected, rtol=1e-5, atol=1e-6)
 
 
+def _query_readout(manager, query_type, state_rows, valid):
+    """The query summary each state row reads, computed from the kept query tokens `valid` (in order)."""
+    rows, hidden = state_rows.shape
+    if query_type == "last":
+        return valid[-1].expand(rows, hidden)
+    if query_type == "average":
+        return valid.mean(0).expand(rows, hidden)
+    attention = manager.query_attention
+    q = state_rows @ attention.q_proj.weight.T + attention.q_proj.bias
+    k = valid @ attention.k_proj.weight.T + attention.k_proj.bias
+    return torch.softmax(q @ k.T / math.sqrt(hidden), dim=-1) @ valid
+
+
+PREFIX_MASK = [[True, True, True, False, False], [True, False, False, False, False]]
+# Not prefixes: the kept tokens have gaps and the last kept token is not at index count - 1.
+SCATTERED_MASK = [[False, True, False, True, False], [False, False, True, False, True]]
+
+
+@pytest.mark.parametrize("mask", [PREFIX_MASK, SCATTERED_MASK], ids=["prefix", "scattered"])
 @pytest.mark.parametrize("query_type", ["last", "average", "cross"])
-def test_adaptive_query_variants_match_their_formula(query_type):
+def test_adaptive_query_variants_match_their_formula(query_type, mask):
     torch.manual_seed(1)
     hidden = 8
     manager = AdaptiveManager(num_experts=2, hidden_size=hidden, query_type=query_type).eval()
     torch.nn.init.normal_(manager.gate)
     experts, state = torch.randn(2, 3, 2, hidden), torch.randn(2, 3, hidden)
-    query = torch.randn(2, 4, hidden)
-    query_mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    query = torch.randn(2, 5, hidden)
+    query_mask = torch.tensor(mask)
     out = manager(experts, state=state, query=query, query_mask=query_mask)
 
     for b in range(2):
-        valid = query[b][query_mask[b]]
-        if query_type == "last":
-            readout = valid[-1].expand(3, hidden)
-        elif query_type == "average":
-            readout = valid.mean(0).expand(3, hidden)
-        else:
-            attention = manager.query_attention
-            q = state[b] @ attention.q_proj.weight.T + attention.q_proj.bias
-            k = valid @ attention.k_proj.weight.T + attention.k_proj.bias
-            readout = torch.softmax(q @ k.T / math.sqrt(hidden), dim=-1) @ valid
+        readout = _query_readout(manager, query_type, state[b], query[b][query_mask[b]])
         scores = torch.cat([readout, state[b]], dim=-1) @ manager.controller.weight.detach().T
         expected = sum(scores[:, n, None] * manager.gate.detach()[n] * experts[b, :, n] for n in range(2))
         torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("query_type", ["last", "average", "cross"])
+def test_per_token_query_masks_equal_separate_rows(query_type):
+    """Two samples flattened into one row, each token reading its own sample's query tokens, equal the padded rows."""
+    torch.manual_seed(2)
+    hidden = 8
+    manager = AdaptiveManager(num_experts=2, hidden_size=hidden, query_type=query_type).eval()
+    torch.nn.init.normal_(manager.gate)
+    experts, state, query = torch.randn(2, 3, 2, hidden), torch.randn(2, 3, hidden), torch.randn(2, 5, hidden)
+    query_mask = torch.tensor(SCATTERED_MASK)
+    per_row = manager(experts, state=state, query=query, query_mask=query_mask)
+    token_sample, query_sample = torch.arange(2).repeat_interleave(3), torch.arange(2).repeat_interleave(5)
+    per_token = (token_sample[:, None] == query_sample[None, :]) & query_mask.reshape(1, -1)
+    flat = manager(
+        experts.reshape(1, 6, 2, hidden),
+        state=state.reshape(1, 6, hidden),
+        query=query.reshape(1, 10, hidden),
+        query_mask=per_token[None],
+    )
+    torch.testing.assert_close(flat.reshape(2, 3, hidden), per_row, rtol=1e-5, atol=1e-6)
 
 
 def test_layer_zero_manager_is_static_and_ignores_the_last_selected_layer():
