@@ -34,6 +34,23 @@ def _manager_class(family: ModelFamily) -> type[nn.Module]:
         base.__init__(self, config)
         restore_from_config(self)
 
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """HF's `from_pretrained`, refusing a checkpoint whose config records a manager that its weights lack."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = base.from_pretrained.__func__(
+            cls, pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        # HF leaves missing parameters of modules it does not know as uninitialised memory: never train on that.
+        missing = sorted(key for key in info["missing_keys"] if ".manager." in f".{key}")  # `apply_manager`'s module
+        if missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: config.json records a manager "
+                f"but the weights lack {len(missing)} of its tensors ({', '.join(missing[:4])}"
+                f"{', ...' if len(missing) > 4 else ''}): the checkpoint is incomplete; re-save it from the trained "
+                "model, or load the base model with the plain HF class and apply the manager adapter"
+            )
+        return (model, info) if wants_info else model
+
     doc = (
         f"HF's `{base.__name__}`, plus whatever its config records of the manager. Adds no modeling code.\n\n"
         "`save_pretrained` of a patched model writes a merged checkpoint (the manager's weights under "
@@ -45,7 +62,8 @@ def _manager_class(family: ModelFamily) -> type[nn.Module]:
         # HF renames checkpoint keys (e.g. LLaVA's lm_head) only for classes defined in transformers: a subclass
         # defined here must be given its family's renamings, or its own merged checkpoints reload without lm_head.
         register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
-    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    members = {"__init__": __init__, "from_pretrained": classmethod(from_pretrained), "__doc__": doc}
+    return type(name, (base,), {**members, "__module__": __name__})
 
 
 # One loading class per family, named after HF's (LlavaOnevisionManagerForConditionalGeneration, ...).

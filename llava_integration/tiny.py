@@ -1,8 +1,10 @@
-"""The embedded tiny default: a small random LLaVA-OneVision in HF format, built offline in seconds.
+"""The embedded tiny default: a small random LLaVA-OneVision in HF format, built offline in seconds, as a real one is.
 
-`llava-manager tiny DIR` (or `python -m llava_integration.tiny DIR`) writes a directory that `LlavaOnevisionForConditionalGeneration` and
-`AutoProcessor` load with `from_pretrained`: a SigLIP tower, a Qwen2 decoder, a byte-level BPE tokenizer trained on
-an embedded corpus, the Qwen ChatML chat template, and an image processor with AnyRes grid pinpoints (1x1 .. 6x6).
+`llava-manager tiny DIR --unimodal` (or `python -m llava_integration.tiny ...`) writes the two unimodal checkpoints a reproduction starts from:
+`DIR/siglip` (a SigLIP vision model with its pooling head and image processor) and `DIR/qwen2` (a Qwen2 causal LM and
+its byte-level BPE tokenizer, trained on an embedded corpus). `llava-manager tiny DIR` writes them to a
+scratch directory and assembles them (stage 0, `llava_integration.assemble`) into DIR: the LLaVA-OneVision model and
+processor (the Qwen ChatML template, AnyRes grid pinpoints 1x1 .. 6x6) that `from_pretrained` loads.
 `--family llava` / `llava_next` writes a tiny LLaVA-1.5 / LLaVA-NeXT instead: a CLIP tower (CLS token, `default`
 select strategy, the second-to-last layer), a Llama decoder, the same tokenizer with a `USER: ... ASSISTANT:` chat
 template, and HF's LLaVA / LLaVA-NeXT processor.
@@ -12,23 +14,40 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from tokenizers import AddedToken
+from transformers import (
+    GenerationConfig,
+    LlavaOnevisionConfig,
+    LlavaOnevisionProcessor,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2Tokenizer,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from tiny_tokenizers import train_byte_level_bpe
 
+from .assemble import assemble, llava_onevision_config
 from .chat_template import CHAT_TEMPLATE
-
-if TYPE_CHECKING:
-    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+from .conversion.to_hf import MEDIA_TOKENS
+from .conversion.to_hf import build_processor as build_llava_processor
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 TOKENS_PER_CROP = (IMAGE_SIZE // PATCH_SIZE) ** 2
+GRID = "1x1..6x6"
 GRID_PINPOINTS = [[IMAGE_SIZE * rows, IMAGE_SIZE * cols] for rows in range(1, 7) for cols in range(1, 7)]
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+TOWER_BLOCKS = 6  # in the assembled model; the tiny SigLIP has one more, which stage 0 drops
+LLM_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIAL_TOKENS = [*LLM_TOKENS, *MEDIA_TOKENS]
 # Words the tiny tokenizer should hold whole: chat roles, and the vocabulary of the synthetic images and questions.
 CORPUS_WORDS = """
 system user assistant You are a helpful assistant. Answer with a single word. Answer with the option's letter.
@@ -43,12 +62,9 @@ Options: Question: Answer: Which letter The
 """
 
 
-def build_tokenizer():
-    """A Qwen2 byte-level BPE tokenizer trained on `CORPUS_WORDS`, with the LLaVA-OV special tokens."""
-    from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
+def build_tokenizer(media_tokens: bool = True) -> PreTrainedTokenizerBase:
+    """A Qwen2 byte-level BPE tokenizer trained on `CORPUS_WORDS` with Qwen's special tokens and, as the assembled
+    model's, `<image>` and `<video>` (`media_tokens=False`: the tiny Qwen2's own)."""
     words = CORPUS_WORDS.split()
     # Each word both at the start of a text and after a space, so both forms become single tokens.
     lines = CORPUS_WORDS.strip().splitlines() + [" ".join(words)] * 4 + words
@@ -59,35 +75,30 @@ def build_tokenizer():
         unk_token="<|endoftext|>",
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
         model_max_length=4096,
     )
-    tokenizer.add_tokens([AddedToken(token, special=True) for token in SPECIAL_TOKENS], special_tokens=True)
+    added = SPECIAL_TOKENS if media_tokens else LLM_TOKENS
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in added], special_tokens=True)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def build_config(
-    vocab_size: int,
-    image_token_id: int,
-    video_token_id: int,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-):
-    """The tiny `LlavaOnevisionConfig`: SigLIP (6 blocks, width 32) + Qwen2 (6 layers, width 64); with the
-    tokenizer's end and padding ids, generation stops at the end of a turn."""
-    from transformers import Qwen2Config, SiglipVisionConfig
-
-    vision = SiglipVisionConfig(
+def siglip_config(blocks: int = TOWER_BLOCKS + 1) -> SiglipVisionConfig:
+    """The tiny SigLIP vision model (width 32, 8 px patches of 32 px images); with its pooling head by default."""
+    return SiglipVisionConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=6,
+        num_hidden_layers=blocks,
         num_attention_heads=2,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        vision_use_head=False,
     )
-    text = Qwen2Config(
+
+
+def qwen2_config(vocab_size: int, eos_token_id: int | None = None, pad_token_id: int | None = None) -> Qwen2Config:
+    """The tiny Qwen2 (6 layers, width 64, tied embeddings); with the tokenizer's end and padding ids, generation
+    stops at the end of a turn."""
+    return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -100,72 +111,53 @@ def build_config(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
+
+
+def build_config(
+    vocab_size: int,
+    image_token_id: int,
+    video_token_id: int,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> LlavaOnevisionConfig:
+    """The assembled tiny model's `LlavaOnevisionConfig`: SigLIP (6 blocks, width 32) + Qwen2 (6 layers, width 64)."""
+    vision = siglip_config(TOWER_BLOCKS)
+    vision.vision_use_head = False
+    text = qwen2_config(vocab_size, eos_token_id, pad_token_id)
     return llava_onevision_config(vision, text, image_token_id, video_token_id, GRID_PINPOINTS)
 
 
-def llava_onevision_config(
-    vision: SiglipVisionConfig,
-    text: Qwen2Config,
-    image_token_id: int,
-    video_token_id: int,
-    image_grid_pinpoints: list[list[int]],
-) -> LlavaOnevisionConfig:
-    """A `LlavaOnevisionConfig` around a SigLIP and a Qwen2 config, read as LLaVA-OV-0.5B reads its tower: every
-    patch token of the last hidden state (SigLIP has no CLS), AnyRes up to 9 crops, tied word embeddings."""
-    from transformers import LlavaOnevisionConfig
-
-    return LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_token_id,
-        video_token_id=video_token_id,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        image_grid_pinpoints=image_grid_pinpoints,
-        vision_aspect_ratio="anyres_max_9",
-        tie_word_embeddings=True,
-    )
+def build_processor(tokenizer: PreTrainedTokenizerBase) -> LlavaOnevisionProcessor:
+    """The assembled tiny model's processor (32 px crops, 16 tokens each, AnyRes 1x1 .. 6x6)."""
+    return build_llava_processor(tokenizer, siglip_config(), GRID_PINPOINTS, "anyres_max_9")
 
 
-def build_processor(tokenizer):
-    """The HF `LlavaOnevisionProcessor` for the tiny model (32 px crops, 16 tokens each)."""
-    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
-
-    image_processor = LlavaOnevisionImageProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_grid_pinpoints=GRID_PINPOINTS,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    video_processor = LlavaOnevisionVideoProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
-    )
-    return LlavaOnevisionProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        num_image_tokens=TOKENS_PER_CROP,
-        vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE,
-        vision_aspect_ratio="anyres_max_9",
-    )
-
-
-def build_tiny_model(seed: int = 0):
-    """The tiny model and its processor, in memory."""
-    from transformers import LlavaOnevisionForConditionalGeneration
-
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    config = build_config(
-        len(tokenizer),
-        tokenizer.convert_tokens_to_ids("<image>"),
-        tokenizer.convert_tokens_to_ids("<video>"),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+def write_tiny_siglip(directory: str | Path, seed: int = 0) -> Path:
+    """A random tiny SigLIP vision model and its image processor, as a SigLIP checkpoint directory holds them."""
+    directory = Path(directory)
     torch.manual_seed(seed)
-    return _stops_at_end_of_turn(LlavaOnevisionForConditionalGeneration(config).eval(), tokenizer), processor
+    SiglipVisionModel(siglip_config()).save_pretrained(directory)
+    SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(directory)
+    return directory
+
+
+def write_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
+    """A random tiny Qwen2 causal LM with its tokenizer and generation config (ChatML stop tokens, as Qwen2-Instruct)."""
+    directory = Path(directory)
+    tokenizer = build_tokenizer(media_tokens=False)
+    end, pad = tokenizer.eos_token_id, tokenizer.pad_token_id  # <|im_end|>, <|endoftext|>
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(qwen2_config(len(tokenizer), end, pad))
+    model.generation_config = GenerationConfig(eos_token_id=end, pad_token_id=pad)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_tiny_unimodal(directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """The tiny SigLIP and Qwen2 under `directory` (`siglip/`, `qwen2/`); returns their directories."""
+    directory = Path(directory)
+    return write_tiny_siglip(directory / "siglip", seed), write_tiny_qwen2(directory / "qwen2", seed)
 
 
 def _stops_at_end_of_turn(model, tokenizer):
@@ -249,9 +241,15 @@ TINY_FAMILIES = ("llava_onevision", "llava", "llava_next")
 
 
 def write_tiny(directory: str | Path, seed: int = 0, family: str = "llava_onevision") -> Path:
-    """Write the tiny model of `family` and its processor to `directory` in HF format; return the directory."""
+    """Write the tiny model of `family` and its processor to `directory` in HF format; return the directory. The
+    LLaVA-OneVision one is a tiny SigLIP and Qwen2, written to a scratch directory and assembled (stage 0)."""
     directory = Path(directory)
-    model, processor = build_tiny_model(seed) if family == "llava_onevision" else build_clip_llama_model(family, seed)
+    if family == "llava_onevision":
+        with tempfile.TemporaryDirectory(prefix="tiny-unimodal-") as scratch:
+            vision, llm = write_tiny_unimodal(scratch, seed)
+            assemble(vision, llm, directory, grid=GRID, seed=seed)
+        return directory
+    model, processor = build_clip_llama_model(family, seed)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -259,14 +257,24 @@ def write_tiny(directory: str | Path, seed: int = 0, family: str = "llava_onevis
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m llava_integration.tiny") -> None:
-    """Write the tiny model to the directory the command line names."""
+    """Write the tiny model (or only its unimodal parts) to the directory the command line names."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("directory", help="where to write the tiny model")
+    parser.add_argument("directory", help="where to write the tiny model (a new or empty directory)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=TINY_FAMILIES, default="llava_onevision")
+    parser.add_argument(
+        "--unimodal",
+        action="store_true",
+        help="llava_onevision: write only the tiny SigLIP and Qwen2 (DIR/siglip, DIR/qwen2)",
+    )
     args = parser.parse_args(argv)
-    path = write_tiny(args.directory, args.seed, args.family)
-    print(f"wrote the tiny {args.family} model to {path}")
+    if args.unimodal:
+        if args.family != "llava_onevision":
+            parser.error("--unimodal writes the LLaVA-OneVision family's SigLIP and Qwen2 only")
+        vision, llm = write_tiny_unimodal(args.directory, args.seed)
+        print(f"wrote the tiny SigLIP to {vision} and the tiny Qwen2 to {llm}")
+        return
+    print(f"wrote the tiny {args.family} model to {write_tiny(args.directory, args.seed, args.family)}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,11 @@ class Manager(nn.Module):
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_experts(self, experts: torch.Tensor) -> None:
+        """Refuse experts that are not `(..., num_experts, hidden)`."""
+        if experts.dim() < 2 or experts.shape[-2] != self.num_experts:
+            raise ValueError(f"expected experts of shape (..., {self.num_experts}, hidden), got {tuple(experts.shape)}")
+
     def forward(
         self,
         experts: torch.Tensor,
@@ -42,8 +47,7 @@ class Manager(nn.Module):
         query: torch.Tensor | None = None,
         query_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if experts.dim() < 2 or experts.shape[-2] != self.num_experts:
-            raise ValueError(f"expected experts of shape (..., {self.num_experts}, hidden), got {tuple(experts.shape)}")
+        self.check_experts(experts)
         weights = self.expert_weights(state, query, query_mask)
         if self.training:
             weights = multiplicative_jitter(weights, self.jitter)
@@ -137,8 +141,7 @@ class AdaptiveManager(Manager):
     ) -> torch.Tensor:
         if self.training:  # the jitter perturbs every per-token weight: they are materialised
             return super().forward(experts, state, query, query_mask)
-        if experts.dim() < 2 or experts.shape[-2] != self.num_experts:
-            raise ValueError(f"expected experts of shape (..., {self.num_experts}, hidden), got {tuple(experts.shape)}")
+        self.check_experts(experts)
         # Inference: sum_n s_n * (gate_n * experts_n) layer by layer, never a (tokens, N, D) weight or product tensor.
         scores = self.layer_scores(state, query, query_mask).to(experts.dtype)
         gate = self.gate.to(experts.dtype)

@@ -19,11 +19,13 @@ def weighted_layer_sum(experts: torch.Tensor, weights: torch.Tensor) -> torch.Te
 
 
 def multiplicative_jitter(x: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """`x` times elementwise noise drawn from U(1 - epsilon, 1 + epsilon)."""
+    """`x` times elementwise noise drawn from U(1 - epsilon, 1 + epsilon), with mean 1 whatever `x`'s dtype."""
     if epsilon == 0:
         return x
-    noise = torch.empty_like(x).uniform_(1.0 - epsilon, 1.0 + epsilon)
-    return x * noise
+    # Drawn and applied in fp32: drawn in bf16, U(0.99, 1.01) collapses to 4 values below or at 1 (mean 0.994), a
+    # systematic shrink in training; rounding the fp32 product to bf16 is to nearest, which keeps the mean at 1.
+    noise = torch.empty(x.shape, dtype=torch.float32, device=x.device).uniform_(1.0 - epsilon, 1.0 + epsilon)
+    return (x.float() * noise).to(x.dtype)
 
 
 def softmax_layer_weights(

@@ -33,7 +33,7 @@ step "what differs from $LOCK (< locked, > resolved today)"
 diff <(grep -v '^#' "$LOCK" | LC_ALL=C sort -f) "$work/resolved.txt" || true
 
 step "the suite in that environment"
-if ! OMP_NUM_THREADS=1 "$py" -m pytest -q -m "not lock"; then
+if ! OMP_NUM_THREADS=1 "$py" -m pytest -q -m "not lock and not rehearsal"; then
     step "FAILED: upstream releases allowed by pyproject.toml break the suite; $LOCK is unchanged"
     exit 1
 fi

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Training runs cache their validation pass (training.data.validation): in a directory of this session, not ~/.cache.
+if "LLAVA_MANAGER_CACHE" not in os.environ:
+    os.environ["LLAVA_MANAGER_CACHE"] = tempfile.mkdtemp(prefix="llava-manager-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LLAVA_MANAGER_CACHE"], True)
 
 import numpy as np
 import pytest

@@ -149,7 +149,6 @@ MISTAKES = {
     "data path": (lambda i: [*train(i)[:6], "missing.json", *train(i)[7:]], "--data_path missing.json: no such file"),
     "manager type": (lambda i: train(i, "stage1_manager", "--manager_type", "adaptve"), "manager_type 'adaptve'"),
     "manager on baseline": (lambda i: train(i, "stage1", "--manager_type", "static"), "recipe stage1 has no manager"),
-    "lora with zero3": (lambda i: train(i, "stage1.5_manager", "--lora_r", "8", "--deepspeed", "zero3"), "ZeRO-3"),
     "lora without llm": (lambda i: train(i, "stage1_manager", "--lora_r", "8"), "does not train it"),
     "deepspeed name": (lambda i: train(i, "stage1", "--deepspeed", "zero4"), "--deepspeed 'zero4'"),
     "missing image": (lambda i: train(i), "1 bad record(s) found before training"),

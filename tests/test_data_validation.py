@@ -12,6 +12,7 @@ from conftest import random_image
 from transformers import AutoProcessor
 
 from training.data import (
+    BAD_RECORDS,
     BadDataError,
     ConversationDataset,
     DataFileError,
@@ -185,8 +186,14 @@ def test_decode_check_catches_what_verify_cannot(data_dir, processor):
     raw = (data_dir / "whole.jpg").read_bytes()
     (data_dir / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
     records = read_records(
-        write_json(data_dir / "d.json", [{"id": "cut", "image": "truncated.jpg", "conversations": QA}])
-    )
+        write_json(
+            data_dir / "d.json",
+            [
+                {"id": "cut", "image": "truncated.jpg", "conversations": QA},
+                {"id": "whole", "image": "whole.jpg", "conversations": QA},
+            ],
+        )
+    )[:1]
     kwargs = {
         "template": get_template("chat"),
         "processor": processor,
@@ -197,11 +204,23 @@ def test_decode_check_catches_what_verify_cannot(data_dir, processor):
     assert len(validate_data(records, image_check="verify", **kwargs).records) == 1
     with pytest.raises(BadDataError, match="record 'cut'.*truncated.jpg.*cannot be read"):
         validate_data(records, image_check="decode", **kwargs)
-    # Had it slipped through, the dataset stops with the record and file named, not a shape error.
+    # Had it slipped through, the dataset names the record and file, and stands in the next record for it (the
+    # trainer then skips or stops as --on_bad_data says); with no record left that decodes, it stops.
     checked = validate_data(records, image_check="verify", **kwargs)
     dataset = ConversationDataset(checked.records, checked.lengths, get_template("chat"), processor, data_dir)
-    with pytest.raises(RuntimeError, match="record 'cut'.*truncated.jpg.*--image_check decode"):
+    with pytest.raises(RuntimeError, match="none of the 1 records decodes; first: .*truncated.jpg.*--image_check dec"):
         dataset[0]
+    whole = read_records(data_dir / "d.json")[1]
+    both = ConversationDataset(
+        [*checked.records, whole], [*checked.lengths, 5], get_template("chat"), processor, data_dir
+    )
+    sample = both[0]
+    assert sample["where"] == whole.where and [image.size for image in sample["images"]] == [(96, 40)]
+    [bad] = sample[BAD_RECORDS]
+    assert bad["record"] == records[0].where and re.fullmatch(
+        r"image 'truncated.jpg' at \S+ cannot be decoded .*", bad["reason"]
+    )
+    assert BAD_RECORDS not in both[1]
 
 
 @pytest.mark.parametrize("recipe", ["stage1", "stage2", "stage2_nogrid"])
@@ -246,3 +265,37 @@ def test_measured_lengths_are_the_collated_lengths(data_dir, processor, recipe):
         batch = collator([dataset[index]])
         assert abs(checked.lengths[index]) == int(batch["attention_mask"].sum()), checked.records[index].id
         assert (checked.lengths[index] > 0) == ("pixel_values" in batch)
+
+
+def test_validation_runs_once_per_data_set_and_settings(data_dir, processor, tmp_path, monkeypatch):
+    """The outcome is cached by the records' content and the settings: a second start reads it without opening one
+    image; another max length, image check, template or record is checked anew."""
+    from training.data import validation
+
+    records = [{"id": "square", "image": "img0.png", "conversations": QA}, {"id": "gone", "image": "no.png"}]
+    path = write_json(data_dir / "d.json", records + [{"id": "text", "conversations": QA[1:]}])
+    kwargs = {
+        "template": get_template("chat"),
+        "processor": processor,
+        "image_folder": data_dir,
+        "image_aspect_ratio": "square",
+        "on_bad_data": "skip",
+        "cache_dir": tmp_path / "cache",
+    }
+    first = validate_data(read_records(path), max_length=256, **kwargs)
+    assert [r.id for r in first.records] == ["square"] and len(first.problems) == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+    checks = []
+    real_check = validation.check_records
+    monkeypatch.setattr(validation, "check_records", lambda *a, **k: checks.append(k) or real_check(*a, **k))
+    again = validate_data(read_records(path), max_length=256, **kwargs)
+    assert checks == [] and again == first  # read from the cache: the same records, lengths and problems
+
+    validate_data(read_records(path), max_length=255, **kwargs)
+    validate_data(read_records(path), max_length=256, image_check="decode", **kwargs)
+    validate_data(read_records(path), max_length=256, **{**kwargs, "template": get_template("plain")})
+    write_json(path, [{**records[0], "conversations": [QA[0], {"from": "gpt", "value": "blue"}]}, *records[1:]])
+    validate_data(read_records(path), max_length=256, **kwargs)
+    assert [k["max_length"] for k in checks] == [255, 256, 256, 256] and checks[1]["image_check"] == "decode"
+    assert checks[2]["template"].name == "plain" and len(list((tmp_path / "cache").iterdir())) == 5

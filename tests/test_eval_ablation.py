@@ -18,7 +18,7 @@ from eval.ablation.launchers import InProcessLauncher
 from eval.ablation.main import build_parser, build_steps, run
 from eval.ablation.plan import VARIANT_RECIPES, build_plan
 from eval.ablation.schedule import load_schedule
-from eval.ablation.steps import EvalStep, StageStep
+from eval.ablation.steps import EvalStep, Stage0Step, StageStep, TinyUnimodalStep
 from eval.benchmarks import load_table
 from training.recipe import RECIPE_DIR
 
@@ -66,7 +66,7 @@ def test_stage_arguments_chain_outputs_and_layer_the_options(tmp_path):
         values = [value for flag, value in zip(step.argv, step.argv[1:]) if flag == f"--{name}"]
         return values[-1]  # argparse keeps the last
 
-    assert option(stages["stage1"], "model_name_or_path") == str(tmp_path / "tiny")
+    assert option(stages["stage1"], "model_name_or_path") == str(tmp_path / "stage0")  # the tiny, assembled
     assert option(stages["stage2_manager"], "model_name_or_path") == str(tmp_path / "stages" / "stage1.5_manager")
     assert option(stages["stage1.5"], "data_path") == str(tmp_path / "data" / "stage1.5.yaml")
     assert option(stages["stage2"], "output_dir") == str(tmp_path / "stages" / "stage2")
@@ -77,6 +77,35 @@ def test_stage_arguments_chain_outputs_and_layer_the_options(tmp_path):
     assert evaluations["grid"].model_args == "grid=true,dtype=bfloat16"  # the user's dtype replaces the schedule's
     assert evaluations["manager"].model_args == "grid=false,dtype=bfloat16"
     assert evaluations["manager"].checkpoint == tmp_path / "stages" / "stage2_manager_nogrid"
+
+
+def test_vision_and_llm_start_with_stage_0_instead_of_model(tmp_path, capsys, one_thread):
+    """--vision/--llm: stage 0 assembles them into OUT/stage0, which stage 1 starts from; they pair, and exclude --model."""
+    mixtures = {stage: tmp_path / f"{stage}.yaml" for stage in ("stage1", "stage1.5", "stage2")}
+    for path in mixtures.values():
+        path.write_text("datasets: []\n")
+    data = ["--data", ",".join(f"{stage}={path}" for stage, path in mixtures.items()), "--image-folder", str(tmp_path)]
+    unimodal = ["--vision", str(tmp_path / "siglip"), "--llm", str(tmp_path / "qwen2")]
+    args = build_parser().parse_args(["--out", str(tmp_path / "out"), *unimodal, *data])
+    steps = build_steps(args, load_schedule("full"), InProcessLauncher())
+    assert isinstance(steps[0], Stage0Step) and not any(isinstance(step, TinyUnimodalStep) for step in steps)
+    assert (steps[0].vision, steps[0].llm, steps[0].directory) == (
+        tmp_path / "siglip", tmp_path / "qwen2", tmp_path / "out" / "stage0"
+    )  # fmt: skip
+    stage1 = next(step for step in steps if isinstance(step, StageStep) and step.run_spec.recipe == "stage1")
+    assert stage1.argv[stage1.argv.index("--model_name_or_path") + 1] == str(tmp_path / "out" / "stage0")
+    assert run(build_parser().parse_args(["--out", str(tmp_path / "out"), *unimodal, *data, "--dry-run"])) == 0
+    assert f"python -m llava_integration.assemble --vision {tmp_path / 'siglip'}" in capsys.readouterr().out
+    # Stage 0 runs first and stops the run on a bad input (here: no such directory), before any training.
+    assert run(build_parser().parse_args(["--out", str(tmp_path / "out"), *unimodal, *data]), FakeLauncher()) == 1
+    assert f"stage 0: --vision {tmp_path / 'siglip'} is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "stage0").exists()
+    for bad, message in (
+        (unimodal[:2], "--vision and --llm go together"),
+        ([*unimodal, "--model", str(tmp_path)], "--model replaces stage 0"),
+    ):
+        assert run(build_parser().parse_args(["--out", str(tmp_path / "bad"), *bad, *data])) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -200,7 +229,7 @@ def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_
     assert all(rows["manager_tiny_mc"][variant] != "" for variant in VARIANT_RECIPES)
     assert (report / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (report / "ablation.md").read_text()
-    assert "[17/17" in output and "chance on the 6 manager_tiny documents" in markdown
+    assert "[18/18" in output and "chance on the 6 manager_tiny documents" in markdown
     assert "standard error of up to 20.4 points: a Δ within ±57.7 is noise" in markdown  # 50 / sqrt(6), x 2 sqrt(2)
     assert (
         "## Provenance" in output
@@ -209,7 +238,7 @@ def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_
 
     launcher.train = launcher.evaluate = pytest.fail  # nothing may run again
     assert run(args, launcher) == 0
-    assert capsys.readouterr().out.count("skipped") == 16
+    assert capsys.readouterr().out.count("skipped") == 17
 
     launcher = InProcessLauncher(task_manager=shared_task_manager())
     assert (

@@ -343,6 +343,24 @@ def test_merged_checkpoint_round_trip_gives_identical_logits(tiny_dir, tiny_mode
         assert torch.equal(logits(plain, inputs), base)
 
 
+def test_merged_checkpoint_without_the_manager_tensors_is_refused(tiny_model, tmp_path):
+    """HF would leave the missing manager parameters as uninitialised memory (values up to 1e38 seen)."""
+    from safetensors.torch import load_file, save_file
+
+    apply_manager(tiny_model)
+    tiny_model.save_pretrained(tmp_path / "merged")
+    weights_file = tmp_path / "merged" / "model.safetensors"
+    weights = load_file(weights_file)
+    dropped = sorted(key for key in weights if key.startswith("model.manager."))
+    assert dropped  # the precondition: the merged file held them
+    save_file({k: v for k, v in weights.items() if k not in dropped}, weights_file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"merged: config.json records a manager but the weights lack {len(dropped)}"):
+        load_model(tmp_path / "merged")
+    save_file({k: v for k, v in weights.items() if k != dropped[0]}, weights_file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"lack 1 of its tensors \({dropped[0]}\)"):
+        load_model(tmp_path / "merged")
+
+
 @pytest.mark.parametrize(
     "config, message",
     [

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from manager_plugin import AdaptiveManager, LayerManagers, ManagerConfig, StaticManager
+from manager_plugin.ops import multiplicative_jitter
 
 # LLaVA-OneVision-0.5B: SigLIP with 26 blocks (27 hidden states, main feature = the last), Qwen2 with 24 layers.
 OV_05B = {"num_vision_hidden_states": 27, "main_vision_layer": -1, "num_decoder_layers": 24, "hidden_size": 896}
@@ -99,6 +100,17 @@ def test_jitter_is_multiplicative_bounded_and_only_in_training():
     assert factors.min() >= 0.99 - 1e-6 and factors.max() <= 1.01 + 1e-6
     assert factors.std() > 1e-3  # elementwise noise, not one shared factor
     assert not torch.equal(manager(experts), manager(experts))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_jitter_has_mean_one_in_every_dtype(dtype):
+    """Noise drawn in bf16 would take 4 values at or below 1 (mean 0.994): a shrink evaluation does not have."""
+    torch.manual_seed(0)
+    weights = (torch.rand(1_000_000) + 0.5).to(dtype)
+    factors = multiplicative_jitter(weights, 0.01).float() / weights.float()
+    assert abs(factors.mean().item() - 1.0) < 2e-4  # fp32 noise alone: std 0.01 / sqrt(3 * 1e6) = 6e-6
+    assert factors.max() > 1.005 and factors.min() < 0.995  # spread both ways, not collapsed onto 1
+    assert factors.max() <= 1.01 * (1 + 2**-8) and factors.min() >= 0.99 * (1 - 2**-8)  # bounded up to rounding
 
 
 def test_adaptive_manager_matches_its_formula():

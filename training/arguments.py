@@ -2,18 +2,17 @@
 
 Precedence, lowest first: `TrainingArguments` defaults, the recipe's `training:` block, explicit values (command line
 or keyword arguments). Derived values, unless given explicitly: gradient accumulation from the recipe's global batch
-(`global_batch / (per_device_batch * world_size)`), bf16 only where the hardware has it, reporting to tensorboard
+(`global_batch / (per_device_batch * world_size)`), the recipe's bf16 only where the hardware has it (an explicit
+`--bf16 true` means bf16 on CPU too), reporting to tensorboard
 (and wandb when `WANDB_PROJECT` is set) only when installed, no data-loader worker processes on a CPU-only machine.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -59,10 +58,23 @@ class StageArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     on_bad_data: Literal["stop", "skip"] = field(
-        default="stop", metadata={"help": "bad records found before training: stop the run, or skip and count them"}
+        default="stop",
+        metadata={
+            "help": "bad records (found before training, or failing to decode in it): stop, or skip and list them"
+        },
     )
     image_check: Literal["verify", "decode"] = field(
         default="verify", metadata={"help": "how images are checked before training: header + integrity, or decode"}
+    )
+    validation_cache: str | None = field(
+        default=None,
+        metadata={"help": "where the validation pass is cached (default ~/.cache/llava_manager/validation; none: off)"},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "train into an output_dir that holds a finished stage, replacing it"}
+    )
+    keep_last_checkpoint: bool = field(
+        default=False, metadata={"help": "keep the last checkpoint-N (optimizer states) once the stage has finished"}
     )
 
     @property
@@ -137,6 +149,9 @@ def _training_kwargs(recipe: Recipe, stage: StageArguments, explicit: dict[str, 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if "bf16" not in explicit:
         kwargs["bf16"] = bool(kwargs.get("bf16")) and cuda and torch.cuda.is_bf16_supported()
+    elif kwargs["bf16"] and not cuda and "use_cpu" not in explicit:
+        # An explicit --bf16 true means bf16 on CPU too: HF allows it there only with use_cpu.
+        kwargs["use_cpu"] = True
     if explicit.get("remove_unused_columns"):
         raise ValueError("remove_unused_columns must stay False: the collator reads the raw samples")
     kwargs["remove_unused_columns"] = False
@@ -186,15 +201,7 @@ def check_stage(stage: StageArguments, recipe: Recipe, explicit: dict[str, Any])
         raise ValueError(
             f"--lora_r {stage.lora_r}: LoRA adapts the language model, but recipe {recipe.name} does not train it"
         )
-    deepspeed = resolve_deepspeed({**recipe.training, **explicit}.get("deepspeed"))
-    if (
-        stage.lora_r
-        and deepspeed
-        and json.loads(Path(deepspeed).read_text()).get("zero_optimization", {}).get("stage") == 3
-    ):
-        raise ValueError(
-            "LoRA under ZeRO-3 is not supported (its checkpoint would lack the frozen weights): use --deepspeed zero2"
-        )
+    resolve_deepspeed({**recipe.training, **explicit}.get("deepspeed"))  # raises on an unknown name or missing file
 
 
 def resolve_stage(values: dict[str, Any]) -> StageSetup:

@@ -5,11 +5,14 @@
 - checkpoints are written under a staging name and renamed into place, so none is ever half-written; each holds the
   full HF model (LoRA merged), the processor, the optimizer / scheduler / RNG states, and for LLaVA-OneVision the
   manager adapter (any other `PreTrainedModel` trains too: nothing else here is LLaVA-specific);
-- a LoRA checkpoint also keeps its trainable weights unmerged (`trainable.safetensors`), so it resumes exactly.
+- a LoRA checkpoint also keeps its trainable weights unmerged (`trainable.safetensors`), so it resumes exactly;
+- a record that fails to decode in a step (its sample lists it under `data.BAD_RECORDS`) stops the run, naming the
+  record and the checkpoint to resume from, or is logged and listed as `--on_bad_data` says.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -18,16 +21,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from llava_integration import FAMILIES, manager_of, save_manager
 
 from .checkpoint import lora_scalings, manager_weights, merged_lora_state_dict, replace_dir, staging_dir
+from .data.dataset import BAD_RECORDS
 from .data.sampler import ModalityLengthGroupedSampler
 from .optim import GroupRule, param_groups
 
 TRAINABLE_WEIGHTS = "trainable.safetensors"
+logger = logging.getLogger(__name__)
+
+
+class BadRecordError(RuntimeError):
+    """A record failed to decode during training and --on_bad_data says stop."""
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -43,12 +52,15 @@ class StageTrainer(Trainer):
         group_rules: Sequence[GroupRule],
         lengths: Sequence[int] | None = None,
         group_by_modality_length: bool = True,
+        on_bad_data: str = "stop",
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.group_rules = list(group_rules)
         self.lengths = lengths
         self.group_by_modality_length = group_by_modality_length
+        self.on_bad_data = on_bad_data
+        self.skipped_records: list[dict[str, str]] = []  # records that failed to decode in training, this rank's
 
     # -- optimizer and sampler ------------------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -85,6 +97,32 @@ class StageTrainer(Trainer):
             logs.update(getattr(self, "_group_learning_rates", {}))
         super().log(logs, start_time)
 
+    # -- records that fail to decode in training ---------------------------------------------------------------------
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        bad = inputs.pop(BAD_RECORDS, None)
+        if bad:
+            self._bad_records(bad)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _bad_records(self, bad: list[dict[str, str]]) -> None:
+        """Stop naming the record and the checkpoint to resume from, or log and list it (its stand-in trains)."""
+        step = self.state.global_step
+        if self.on_bad_data == "stop":
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            resume = f"rerun with --resume_from_checkpoint {last}" if last else "rerun (no checkpoint yet)"
+            raise BadRecordError(
+                f"{bad[0]['record']}: {bad[0]['reason']}; stopped at step {step} (--on_bad_data stop): fix or remove "
+                f"it and {resume}, or pass --on_bad_data skip"
+            )
+        known = {entry["record"] for entry in self.skipped_records}
+        for entry in bad:
+            if entry["record"] not in known:  # met again in a later epoch: replaced again, listed once
+                logger.warning(
+                    "skipping %s at step %d: %s (replaced in its batch)", entry["record"], step, entry["reason"]
+                )
+                self.skipped_records.append({**entry, "step": step})
+                known.add(entry["record"])
+
     # -- saving -----------------------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
         """HF's checkpoint, assembled in a staging directory by every rank and renamed into place by the saver."""
@@ -99,6 +137,11 @@ class StageTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
+        best = self.state.best_model_checkpoint
+        if best is not None and Path(best).parent == staging_root:  # recorded where super() wrote: say where it lands
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+            if self.args.should_save:
+                self.state.save_to_json(str(staging_root / final.name / TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             replace_dir(staging_root / final.name, final)
@@ -110,6 +153,14 @@ class StageTrainer(Trainer):
                 use_mtime=False,
             )
         self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """HF's, except that LoRA under ZeRO-3 gathers the frozen weights too: the saved model is the merged one."""
+        zero3 = self.is_deepspeed_enabled and self.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3
+        if not (zero3 and _is_peft(self.model)):
+            return super().save_model(output_dir, _internal_call)
+        # HF gathers only a PEFT model's trainable weights under ZeRO-3, which leaves nothing to merge LoRA into.
+        self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.deepspeed))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The full HF model (LoRA merged), the manager adapter and the processor: a stage's loadable output."""

@@ -1,9 +1,11 @@
 """`llava-manager ablation [options]` (or `python -m eval ablation`): the grid vs manager ablation end to end, resumable.
 
-With no options, on the embedded default: writes the tiny model and the synthetic data, trains the four variants
+With no options, on the embedded default: writes a tiny SigLIP and a tiny Qwen2, assembles them (stage 0), writes
+the synthetic data, trains the four variants
 through their stages (the `tiny` schedule), evaluates each on manager_tiny and manager_tiny_mc, and writes the report
-(markdown, CSV, PNG). With `--model DIR --data DIR --tasks manager_local13` the same steps run the real ablation with
-the recipes' own settings (the `full` schedule). Finished steps are skipped on a re-run (`--force` redoes them).
+(markdown, CSV, PNG). With `--vision SIGLIP --llm QWEN2 --data DIR --tasks manager_local13` (or `--model DIR`, an
+existing LLaVA-OneVision, instead of stage 0) the same steps run the real ablation with the recipes' own settings (the
+`full` schedule). Finished steps are skipped on a re-run (`--force` redoes them).
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ from .launchers import LAUNCHERS, EvalJob, InProcessLauncher, StepFailed, Subpro
 from .plan import VARIANT_RECIPES, build_plan
 from .progress import Progress, clock
 from .schedule import Schedule, load_schedule, schedule_names
-from .steps import AblationError, EvalStep, Layout, StageStep, Step, SyntheticDataStep, TinyModelStep, remove
+from .steps import (
+    AblationError,
+    EvalStep,
+    Layout,
+    Stage0Step,
+    StageStep,
+    Step,
+    SyntheticDataStep,
+    TinyUnimodalStep,
+    remove,
+)
 
 DEFAULT_OUT = Path("runs/ablation")
 DEFAULT_TASKS = "manager_tiny,manager_tiny_mc"
@@ -30,9 +42,9 @@ STAGE_MIXTURES = {"1": "stage1.yaml", "1.5": "stage1.5.yaml", "2": "stage2.yaml"
 EXAMPLES = """examples:
   {prog}                                   # the tiny ablation on CPU (6-7 minutes)
   {prog} --schedule smoke --out /tmp/smoke # every step, 2 training steps each (seconds)
-  {prog} --model ckpt/llava-onevision-qwen2-0.5b-si --data data/ --tasks manager_local13 \\
-      --out runs/ablation_0.5b --launcher subprocess --nproc 8 --train-args "--deepspeed zero2" \\
-      --model-args dtype=bfloat16 --eval-batch-size 8         # the real ablation on an 8-GPU node
+  {prog} --vision ckpt/siglip-so400m-patch14-384 --llm ckpt/Qwen2-0.5B-Instruct --data data/ \\
+      --tasks manager_local13 --out runs/ablation_0.5b --launcher subprocess --nproc 8 \\
+      --train-args "--deepspeed zero2" --model-args dtype=bfloat16 --eval-batch-size 8   # the paper's, on 8 GPUs
   {prog} ... --dry-run                     # print the steps and their commands, run nothing
 """
 
@@ -46,7 +58,13 @@ def build_parser(prog: str = "python -m eval ablation") -> argparse.ArgumentPars
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where everything goes (default {DEFAULT_OUT})")
-    parser.add_argument("--model", type=Path, help="the stage-1 starting LLaVA-OneVision checkpoint (default: tiny)")
+    parser.add_argument(
+        "--vision", type=Path, help="a SigLIP directory: stage 0 assembles it with --llm (default: a tiny SigLIP)"
+    )
+    parser.add_argument("--llm", type=Path, help="a Qwen2 causal LM directory with its tokenizer, for stage 0")
+    parser.add_argument(
+        "--model", type=Path, help="a LLaVA-OneVision checkpoint to start stage 1 from instead of stage 0"
+    )
     parser.add_argument(
         "--data",
         help="a directory holding stage1.yaml, stage1.5.yaml and stage2.yaml (LLaVA mixtures; images relative to it), "
@@ -57,7 +75,7 @@ def build_parser(prog: str = "python -m eval ablation") -> argparse.ArgumentPars
     parser.add_argument("--variants", default=",".join(VARIANT_RECIPES), help="which variants to run (default: all)")
     parser.add_argument(
         "--schedule",
-        help=f"{', '.join(schedule_names())} or a YAML file (default: tiny without --model, full with it)",
+        help=f"{', '.join(schedule_names())} or a YAML file (default: tiny on the embedded default, full with --model or --vision)",
     )
     parser.add_argument("--train-args", default="", help='more `python -m training` options, e.g. "--deepspeed zero2"')
     parser.add_argument("--eval-args", default="", help="more `python -m eval run` options (subprocess launcher)")
@@ -159,17 +177,27 @@ def build_steps(args: argparse.Namespace, schedule: Schedule, launcher) -> list[
         raise AblationError(f"--variants: unknown {unknown}; expected some of {list(VARIANT_RECIPES)}")
     plan = build_plan({name: VARIANT_RECIPES[name] for name in variants})
     steps: list[Step] = []
+    if (args.vision is None) != (args.llm is None):
+        raise AblationError("--vision and --llm go together: stage 0 assembles the one with the other")
+    if args.model is not None and args.vision is not None:
+        raise AblationError("--model replaces stage 0: give either --model or --vision and --llm, not both")
+    base_model = args.model or layout.stage0
     if args.model is None:
-        steps.append(TinyModelStep(layout.tiny_model))
+        vision, llm = args.vision, args.llm
+        if vision is None:
+            unimodal = TinyUnimodalStep(layout.unimodal)
+            steps.append(unimodal)
+            vision, llm = unimodal.vision, unimodal.llm
+        steps.append(Stage0Step(vision, llm, layout.stage0, {}))
     if args.data is None:
         steps.append(SyntheticDataStep(layout.data, dict(schedule.synthetic)))
     mixtures, image_folder = stage_data(args.data, args.image_folder, layout)
-    base_model = args.model or layout.tiny_model
     train_args = shlex.split(args.train_args)
     for run in plan.stages:
         directory = layout.stage(run.recipe)
-        parent = None if run.parent is None else layout.stage(run.parent)
-        argv = ["--recipe", run.recipe, "--model_name_or_path", str(parent or base_model)]
+        # A stage-1 run starts from the base model: re-assembling it (stage 0) makes the run stale, as a retrained parent.
+        parent = base_model if run.parent is None else layout.stage(run.parent)
+        argv = ["--recipe", run.recipe, "--model_name_or_path", str(parent)]
         argv += ["--data_path", str(mixtures[run.stage]), "--image_folder", str(image_folder)]
         argv += ["--output_dir", str(directory), *options_to_argv(schedule.stage_options(run.stage)), *train_args]
         steps.append(StageStep(run, argv, directory, parent, launcher))
@@ -223,6 +251,15 @@ def write_ablation_report(layout: Layout, evaluations: list[EvalStep]) -> Path:
     return paths[0]
 
 
+def describe_model(args: argparse.Namespace) -> str:
+    """Where stage 1 starts, for the first line of the log."""
+    if args.model is not None:
+        return str(args.model)
+    if args.vision is not None:
+        return f"stage 0 from {args.vision} + {args.llm}"
+    return "tiny (embedded SigLIP + Qwen2, stage 0)"
+
+
 def run(args: argparse.Namespace, launcher=None) -> int:
     """Run (or with `--dry-run`, list) every step of the ablation that `args` describe; return the exit code.
 
@@ -234,7 +271,8 @@ def run(args: argparse.Namespace, launcher=None) -> int:
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise AblationError(f"--{name.replace('_', '-')} {value}: expected a positive number")
-        schedule = load_schedule(args.schedule or ("tiny" if args.model is None else "full"))
+        tiny = args.model is None and args.vision is None
+        schedule = load_schedule(args.schedule or ("tiny" if tiny else "full"))
         threads = choose_threads(args.threads)
         launcher = launcher or choose_launcher(args.launcher, args.nproc)
         if args.eval_args and launcher.name == "inprocess":
@@ -245,7 +283,7 @@ def run(args: argparse.Namespace, launcher=None) -> int:
         return 2
     evaluations = [step for step in steps if isinstance(step, EvalStep)]
     print(
-        f"ablation: {len(steps) + 1} steps into {args.out} | model {args.model or 'tiny (embedded)'} | schedule "
+        f"ablation: {len(steps) + 1} steps into {args.out} | model {describe_model(args)} | schedule "
         f"{schedule.name} ({schedule.description}) | launcher {launcher.name} | threads {threads}",
         flush=True,
     )

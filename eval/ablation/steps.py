@@ -1,4 +1,4 @@
-"""The ablation's steps: base model, data, one per stage run, one per evaluation, the report.
+"""The ablation's steps: unimodal models, stage 0, data, one per stage run, one per evaluation, the report.
 
 Each step knows whether its work is already done, so a re-run skips it: a model directory is complete once it holds
 `config.json` (the training stack moves it in last), an evaluation once its `results.json` exists (written only after
@@ -34,8 +34,12 @@ class Layout:
     root: Path
 
     @property
-    def tiny_model(self) -> Path:
-        return self.root / "tiny"
+    def unimodal(self) -> Path:
+        return self.root / "unimodal"
+
+    @property
+    def stage0(self) -> Path:
+        return self.root / "stage0"
 
     @property
     def data(self) -> Path:
@@ -93,22 +97,71 @@ class Step(Protocol):
 
 
 @dataclass
-class TinyModelStep:
-    """Write the embedded tiny LLaVA-OneVision (the base model when no --model is given)."""
+class TinyUnimodalStep:
+    """Write the tiny SigLIP and Qwen2 (`siglip/`, `qwen2/`): stage 0's inputs when no --model or --vision is given."""
 
     directory: Path
-    label: str = "tiny model"
+    label: str = "tiny SigLIP and Qwen2"
+
+    @property
+    def vision(self) -> Path:
+        return self.directory / "siglip"
+
+    @property
+    def llm(self) -> Path:
+        return self.directory / "qwen2"
 
     def finished(self) -> str | None:
-        return f"in {self.directory}" if (self.directory / CONFIG).is_file() else None
+        done = all((path / CONFIG).is_file() for path in (self.vision, self.llm))
+        return f"in {self.directory}" if done else None
 
     def command(self) -> str:
-        return f"python -m llava_integration.tiny {self.directory}"
+        return f"python -m llava_integration.tiny {self.directory} --unimodal"
 
     def run(self) -> None:
-        from llava_integration.tiny import write_tiny
+        from llava_integration.tiny import write_tiny_unimodal
 
-        write_tiny(self.directory)
+        remove(self.directory)  # a half-written pair from an interrupted run
+        write_tiny_unimodal(self.directory)
+
+
+@dataclass
+class Stage0Step:
+    """Assemble the stage-1 starting model from a SigLIP and a Qwen2 directory (`llava_integration.assemble`)."""
+
+    vision: Path
+    llm: Path
+    directory: Path
+    options: dict[str, Any]  # assemble's keyword options (grid, image_aspect_ratio, seed, dtype)
+    label: str = "stage 0: assemble SigLIP + Qwen2"
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"vision": str(self.vision), "llm": str(self.llm), **self.options}
+
+    def finished(self) -> str | None:
+        config = self.directory / CONFIG
+        if not config.is_file() or not all(_newer(config, path / CONFIG) for path in (self.vision, self.llm)):
+            return None  # not assembled yet, or from older unimodal models: assemble again
+        _recorded(self.directory, self.spec, "the stage-0 model")
+        return f"model in {self.directory}"
+
+    def command(self) -> str:
+        options = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in self.options.items())
+        return (
+            f"python -m llava_integration.assemble --vision {self.vision} --llm {self.llm} {options} {self.directory}"
+        )
+
+    def run(self) -> None:
+        from llava_integration.assemble import assemble
+        from manager_plugin.io import ConversionError
+
+        remove(self.directory)
+        try:
+            assemble(self.vision, self.llm, self.directory, **self.options)
+        except ConversionError as error:
+            raise StepFailed(f"stage 0: {error}") from error
+        _record(self.directory, self.spec)
 
 
 @dataclass

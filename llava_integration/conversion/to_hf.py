@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import AddedToken
@@ -50,21 +52,18 @@ MEDIA_TOKENS = ("<image>", "<video>")
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]  # LLaVA-NeXT's SigLipImageProcessor
+BICUBIC = PILImageResampling.BICUBIC
 
 
-def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    """The Qwen2 tokenizer saved with the checkpoint, with `<image>` and `<video>` added as special tokens."""
+def load_tokenizer(path: Path, hint: str = "pass one with --tokenizer DIR") -> PreTrainedTokenizerBase:
+    """The Qwen2 tokenizer in `path`, with `<image>` and `<video>` added as special tokens; `hint` ends its errors."""
     # Qwen2Tokenizer builds an empty tokenizer from a directory without its files, so look for them first.
     if not any(all((path / name).is_file() for name in group) for group in TOKENIZER_FILES):
-        raise ConversionError(
-            f"no tokenizer in {path}: expected tokenizer.json or vocab.json + merges.txt; pass one with --tokenizer DIR"
-        )
+        raise ConversionError(f"no tokenizer in {path}: expected tokenizer.json or vocab.json + merges.txt; {hint}")
     try:  # by class: AutoTokenizer would consult config.json, whose llava_qwen* model type HF does not know
         tokenizer = Qwen2Tokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as error:
-        raise ConversionError(
-            f"cannot load the tokenizer in {path} ({error}): pass one with --tokenizer DIR"
-        ) from error
+        raise ConversionError(f"cannot load the tokenizer in {path} ({error}): {hint}") from error
     vocabulary = tokenizer.get_vocab()
     absent = [token for token in CHAT_TOKENS if token not in vocabulary]
     if absent:
@@ -111,18 +110,19 @@ def _base_tensors(
 
 
 def build_processor(
-    tokenizer: PreTrainedTokenizerBase, vision: SiglipVisionConfig, pinpoints: list[list[int]], aspect: str
+    tokenizer: PreTrainedTokenizerBase,
+    vision: SiglipVisionConfig,
+    pinpoints: list[list[int]],
+    aspect: str,
+    image_settings: Mapping[str, Any] | None = None,
 ) -> LlavaOnevisionProcessor:
-    """HF's processor with LLaVA-NeXT's SigLIP preprocessing (bicubic resize, mean = std = 0.5) and Qwen ChatML."""
+    """HF's processor with Qwen ChatML and SigLIP preprocessing: `image_settings` (resample, rescale, mean, std...) or
+    LLaVA-NeXT's (bicubic resize, mean = std = 0.5)."""
     size = {"height": vision.image_size, "width": vision.image_size}
-    image_processor = LlavaOnevisionImageProcessor(
-        size=size,
-        image_grid_pinpoints=pinpoints,
-        image_mean=SIGLIP_MEAN,
-        image_std=SIGLIP_STD,
-        resample=PILImageResampling.BICUBIC,
-    )
-    video_processor = LlavaOnevisionVideoProcessor(size=size, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+    settings = dict(image_settings or {"image_mean": SIGLIP_MEAN, "image_std": SIGLIP_STD, "resample": BICUBIC})
+    image_processor = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints, **settings)
+    normalise = {key: settings[key] for key in ("image_mean", "image_std") if key in settings}
+    video_processor = LlavaOnevisionVideoProcessor(size=size, **normalise)
     return LlavaOnevisionProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -2,7 +2,8 @@
 # Launch one training stage: `RECIPE=<name> [PREVIOUS=<recipe>] llava-manager script stage_launch [extra options]`.
 # The stage* scripts set RECIPE and PREVIOUS; everything else comes from the environment:
 #   NNODES (1)  NPROC_PER_NODE (GPUs on this node, else 1)  NODE_RANK (0)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)
-#   CHECKPOINTS (checkpoints)  MODEL (${CHECKPOINTS}/${PREVIOUS}; required for stage 1)  OUTPUT (${CHECKPOINTS}/${RECIPE})
+#   CHECKPOINTS (checkpoints)  MODEL (${CHECKPOINTS}/${PREVIOUS}; stage 1: ${CHECKPOINTS}/stage0, as stage0.sh writes it)
+#   OUTPUT (${CHECKPOINTS}/${RECIPE})
 #   DATA (required: json / jsonl / mixture yaml)  IMAGES (image folder)  DEEPSPEED (zero2 | zero3 | path | none)
 #   PYTHON (python)
 # Extra options go to `llava-manager train` (any TrainingArguments field, e.g. --max_steps 10).
@@ -10,10 +11,7 @@ set -euo pipefail
 
 : "${RECIPE:?set RECIPE to a recipe name (llava-manager train --help lists them)}"
 CHECKPOINTS="${CHECKPOINTS:-checkpoints}"
-if [[ -n "${PREVIOUS:-}" ]]; then
-    MODEL="${MODEL:-${CHECKPOINTS}/${PREVIOUS}}"
-fi
-: "${MODEL:?set MODEL to the LLaVA-OneVision checkpoint this stage starts from}"
+MODEL="${MODEL:-${CHECKPOINTS}/${PREVIOUS:-stage0}}"  # stage 1 (no PREVIOUS) starts from stage 0's model
 : "${DATA:?set DATA to the training data: LLaVA json / jsonl, or a mixture yaml}"
 OUTPUT="${OUTPUT:-${CHECKPOINTS}/${RECIPE}}"
 DEEPSPEED="${DEEPSPEED:-zero2}"

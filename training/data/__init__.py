@@ -1,7 +1,7 @@
 """Training data: LLaVA records and mixtures, prompt templates, the validation pass, dataset, collator, sampler."""
 
 from .collator import IGNORE_INDEX, TrainingCollator, dummy_image
-from .dataset import ConversationDataset
+from .dataset import BAD_RECORDS, ConversationDataset
 from .image_tokens import image_token_counts
 from .mixture import SAMPLING_STRATEGIES, read_data, read_mixture, sample_records
 from .records import DataFileError, Record, read_records
@@ -10,6 +10,7 @@ from .templates import TEMPLATES, ChatTemplate, Encoded, PlainTemplate, chatml_a
 from .validation import BadDataError, CheckedData, Problem, check_records, validate_data
 
 __all__ = [
+    "BAD_RECORDS",
     "IGNORE_INDEX",
     "SAMPLING_STRATEGIES",
     "TEMPLATES",

@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from llava_integration import QUERY_MASK_KWARG, prepare_inputs
 
+from .dataset import BAD_RECORDS
 from .image_tokens import image_token_counts
 
 IGNORE_INDEX = -100
@@ -83,6 +84,9 @@ class TrainingCollator:
         limit = self.model_max_length if dummy_row is None else max(self.model_max_length, lengths[dummy_row])
         if input_ids.shape[1] > limit:
             out = self._truncate(out, limit, features, dummy_row)
+        bad = [entry for feature in features for entry in feature.get(BAD_RECORDS, ())]
+        if bad:
+            out[BAD_RECORDS] = bad
         return out
 
     def _token_counts(self, ids: torch.Tensor, images: list[Image.Image], where: str) -> torch.Tensor:

@@ -4,20 +4,31 @@ counted) with a message naming the record and its file, never a shape error mid-
 Checked: the conversation's structure, `<image>` placeholders against images, each image file (exists and opens;
 `image_check="decode"` also decodes the pixels), and the exact token length against `model_max_length`. The lengths
 are kept: the length-grouped sampler uses them.
+
+The pass runs once per data set: rank 0 checks every record and caches the outcome under a key of the records' content
+and every setting that changes it; the other ranks receive it over a process group of its own, whose timeout is long
+enough for a pass over millions of records. A resumed run, or the next stage on the same data, reads the cache.
+Images are identified by their paths: after changing image files in place, remove the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
 from PIL import Image, ImageFile
 from tqdm.auto import tqdm
+
+from manager_plugin.io import write_atomically
 
 from .image_tokens import image_token_counts
 from .records import IMAGE_PLACEHOLDER, ROLES, Record
@@ -27,6 +38,10 @@ IMAGE_CHECKS = ("verify", "decode")
 # What PIL raises for missing, truncated or corrupt files (verify reports some as SyntaxError).
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 BAD_DATA_POLICIES = ("stop", "skip")
+CACHE_VERSION = 1  # bump when what `check_records` decides changes, so that older cached outcomes are not reused
+# The other ranks wait for rank 0's pass on a group of their own: the default group's timeout (30 min) is too short
+# for millions of records, and a real hang is still caught, one day later.
+BROADCAST_TIMEOUT = timedelta(days=1)
 
 
 @contextmanager
@@ -180,6 +195,43 @@ def check_records(
     return results
 
 
+def default_cache_dir() -> Path:
+    """Where validation outcomes are cached: `$LLAVA_MANAGER_CACHE/validation`, else `~/.cache/llava_manager/...`."""
+    root = os.environ.get("LLAVA_MANAGER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "llava_manager"
+    return Path(root).expanduser() / "validation"
+
+
+def validation_key(records: list[Record], settings: dict, template, processor) -> str:
+    """A digest of the records' content, the check's settings, the template, and what of the processor sets lengths."""
+    described = {"version": CACHE_VERSION, "template": template.name, **settings}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    tokenizer = processor.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(
+        (backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode()
+    )
+    digest.update(processor.image_processor.to_json_string().encode())
+    digest.update(str(getattr(processor, "vision_aspect_ratio", None)).encode())
+    digest.update(str(getattr(processor, "chat_template", None) or tokenizer.chat_template).encode())
+    for record in records:
+        digest.update(json.dumps([record.id, record.images, record.turns, record.source, record.index]).encode())
+    return digest.hexdigest()
+
+
+def _checked_on_rank0(records: list[Record], settings: dict, processor, template, num_workers: int, cache_dir):
+    """Rank 0's outcome of every record: read from the cache, or checked now and cached."""
+    key = None if cache_dir is None else validation_key(records, settings, template, processor)
+    cache = None if key is None else Path(cache_dir) / f"{key}.json"
+    if cache is not None and cache.is_file():
+        logger.info("validation of %d records read from %s", len(records), cache)
+        return [tuple(result) for result in json.loads(cache.read_text())]
+    results = check_records(records, template=template, processor=processor, num_workers=num_workers, **settings)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(cache, lambda path: Path(path).write_text(json.dumps(results)))
+    return results
+
+
 def validate_data(
     records: list[Record],
     *,
@@ -191,33 +243,30 @@ def validate_data(
     on_bad_data: str = "stop",
     image_check: str = "verify",
     num_workers: int = 8,
+    cache_dir: str | Path | None = None,
 ) -> CheckedData:
-    """Check every record (each rank checks its share when distributed); stop or skip bad ones as `on_bad_data` says."""
+    """Check every record once (rank 0; cached in `cache_dir` if given); stop or skip bad ones as `on_bad_data` says."""
     if on_bad_data not in BAD_DATA_POLICIES:
         raise ValueError(f"on_bad_data {on_bad_data!r}: expected one of {list(BAD_DATA_POLICIES)}")
     if not records:
         raise ValueError("no training records: the data path holds none")
+    settings = {
+        "image_folder": None if image_folder is None else str(Path(image_folder).expanduser().resolve()),
+        "image_aspect_ratio": image_aspect_ratio,
+        "max_length": max_length,
+        "image_check": image_check,
+    }
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    share = check_records(
-        records[rank::world],
-        template=template,
-        processor=processor,
-        image_folder=image_folder,
-        image_aspect_ratio=image_aspect_ratio,
-        max_length=max_length,
-        image_check=image_check,
-        num_workers=num_workers,
-        progress=rank == 0,
-    )
     if distributed:
-        shares: list = [None] * world
-        dist.all_gather_object(shares, share)
+        group = dist.new_group(backend="gloo", timeout=BROADCAST_TIMEOUT)
+        shared: list = [None]
+        if dist.get_rank() == 0:
+            shared[0] = _checked_on_rank0(records, settings, processor, template, num_workers, cache_dir)
+        dist.broadcast_object_list(shared, src=0, group=group)
+        dist.destroy_process_group(group)
+        results = shared[0]
     else:
-        shares = [share]
-    results: list = [None] * len(records)
-    for owner, owned in enumerate(shares):
-        results[owner::world] = owned
+        results = _checked_on_rank0(records, settings, processor, template, num_workers, cache_dir)
 
     kept, lengths, problems = [], [], []
     for record, (length, reason) in zip(records, results, strict=True):

@@ -8,13 +8,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from manager_plugin.managertower import ManagerTowerConfig, ManagerTowerHeadModel, ManagerTowerModel
 from manager_plugin.managertower.processing_managertower import ManagerTowerProcessor, image_processor_for
 from manager_plugin.managertower.tiny import build_tokenizer, tiny_config
 from manager_plugin.managertower.unimodal import set_image_size
 
+from ..ds_config import configure_cpu_deepspeed_state, skip_cpu_inference_comm_op
 from .collators import TaskCollator
 from .datasets import TaskDataset
 from .optim import ManagerTowerTrainer
@@ -77,9 +78,15 @@ def training_arguments(recipe: ManagerTowerRecipe, output_dir: str | Path, deeps
     per_step = settings["per_device_train_batch_size"] * _world_size()
     settings.setdefault("gradient_accumulation_steps", max(global_batch // per_step, 1))
     settings.setdefault("report_to", "none")
-    return TrainingArguments(
-        output_dir=str(output_dir), remove_unused_columns=False, deepspeed=deepspeed_config(deepspeed), **settings
-    )
+    config = deepspeed_config(deepspeed)
+    if config is not None:
+        skip_cpu_inference_comm_op()
+        if configure_cpu_deepspeed_state(int(settings.get("ddp_timeout", 1800))):  # several CPU processes
+            settings["accelerator_config"] = {
+                **(settings.get("accelerator_config") or {}),
+                "use_configured_state": True,
+            }
+    return TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, deepspeed=config, **settings)
 
 
 def build_dataset(recipe: ManagerTowerRecipe, split: str) -> TaskDataset:
@@ -131,7 +138,9 @@ def run(
     output_dir = Path(output_dir)
     if synthetic:
         num_images = recipe.with_overrides(overrides or {}).synthetic.get("num_images", 8)
-        data_root = write_synthetic(recipe.task, output_dir / "synthetic-data", num_images)
+        # One copy per process (seeded, so identical): the ranks of a multi-process run never read a file being written.
+        data_dir = output_dir / "synthetic-data" / (f"rank-{os.environ['RANK']}" if _world_size() > 1 else "")
+        data_root = write_synthetic(recipe.task, data_dir, num_images)
         recipe = recipe.for_synthetic(data_root, overrides)
     elif overrides:
         recipe = recipe.with_overrides(overrides)
@@ -142,10 +151,12 @@ def run(
             raise ValueError("--eval-only needs the model to evaluate (--model DIR, a checkpoint of this task's head)")
         model = head.from_pretrained(recipe.model["init_from"])
         return evaluate(recipe, model, tokenizer, output_dir)
+    args = training_arguments(recipe, output_dir, deepspeed)
+    set_seed(args.seed)  # a model built from scratch (or a new head) is then the same in every process and every run
     model = head.from_base_model(build_base_model(recipe, tokenizer), **(recipe.model.get("head") or {}))
     trainer = ManagerTowerTrainer(
         model=model,
-        args=training_arguments(recipe, output_dir, deepspeed),
+        args=args,
         train_dataset=build_dataset(recipe, "train"),
         data_collator=build_collator(recipe, tokenizer, model),
         lr_multipliers=recipe.optim.get("lr_multipliers", {}),
