@@ -64,10 +64,11 @@ def provenance_lines(results: dict[str, Results], labels: dict[str, str]) -> lis
             f"evaluation of {', '.join(labels.get(name, name) for name in dict.fromkeys(names))}: {environment}"
         )
     for task, about in sorted(tasks.items()):
-        dataset = "/".join(part for part in (about.get("dataset_path"), about.get("dataset_name")) if part) or "—"
+        dataset = "/".join(part for part in (about.get("dataset_path"), about.get("dataset_name")) if part)
         revision = about.get("dataset_revision") or "default branch at download"
+        data = f"data {dataset} ({revision})" if dataset else "data made by the task itself (no dataset path)"
         judge = f", judge {about['judge_model']}" if about.get("judge_model") else ""
-        lines.append(f"task {task}: version {about.get('version')}, data {dataset} ({revision}){judge}")
+        lines.append(f"task {task}: version {about.get('version')}, {data}{judge}")
     return lines
 
 

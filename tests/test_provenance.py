@@ -96,16 +96,22 @@ def test_tasks_record_version_data_revision_and_judge(monkeypatch):
 
 
 def test_report_prints_and_stores_the_provenance(tmp_path):
+    generated = {  # a task that makes its own documents (manager_tiny): no dataset path
+        "results": {**JUDGED_RUN["results"], "manager_tiny": {"exact_match,none": 0.4}},
+        "versions": {**JUDGED_RUN["versions"], "manager_tiny": 2.0},
+        "configs": {**JUDGED_RUN["configs"], "manager_tiny": {"dataset_kwargs": {"num_docs": 200}}},
+    }
     results = {}
     for name in ("baseline", "manager"):
         results[name] = Results()
-        results[name].add(add_provenance(JUDGED_RUN), tmp_path / f"{name}.json")
+        results[name].add(add_provenance(generated), tmp_path / f"{name}.json")
     report = build_report(results)
     expected_environment = describe_environment(environment_provenance())
     assert report.provenance == provenance_lines(results, report.labels)
     assert report.provenance == [
         f"report: {expected_environment}",
         f"evaluation of Baseline, +Manager: {expected_environment}",
+        "task manager_tiny: version 2.0, data made by the task itself (no dataset path)",
         "task mmvet: version 0.0, data lmms-lab/MMVet (default branch at download), judge gpt-4o",
         "task ok_vqa_val2014: version 1.0, data lmms-lab/OK-VQA/val2014 (abc123)",
     ]
