@@ -40,7 +40,7 @@ DEFAULT_TASKS = "manager_tiny,manager_tiny_mc"
 STAGE_MIXTURES = {"1": "stage1.yaml", "1.5": "stage1.5.yaml", "2": "stage2.yaml"}  # as training.synthetic writes them
 
 EXAMPLES = """examples:
-  {prog}                                   # the tiny ablation on CPU (6-7 minutes)
+  {prog}                                   # the tiny ablation on CPU (about 7 minutes)
   {prog} --schedule smoke --out /tmp/smoke # every step, 2 training steps each (seconds)
   {prog} --vision ckpt/siglip-so400m-patch14-384 --llm ckpt/Qwen2-0.5B-Instruct --data data/ \\
       --tasks manager_local13 --out runs/ablation_0.5b --launcher subprocess --nproc 8 \\
