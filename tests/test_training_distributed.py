@@ -122,6 +122,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_on_two_ranks(script: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`script args` on 2 ranks under torchrun (gloo, one thread each, offline), importing this checkout's code."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        script, *args,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """5 image and 3 text-only records: the image samples fill one global batch of 4; the leftovers (1 image, 3
@@ -163,19 +180,7 @@ def test_zero2_and_zero3_on_two_ranks_match_one_process(tiny_dir, data, tmp_path
     single = main(stage_args(str(tiny_dir), str(data), str(tmp_path / "single")))  # gradient accumulation 2
     assert len(single.losses) == 2 and single.losses[1] < single.losses[0] - 0.1  # big steps: step 2 shows step 1
 
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        __file__, str(tmp_path), str(tiny_dir), str(data),
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False)
+    done = run_on_two_ranks(__file__, [str(tmp_path), str(tiny_dir), str(data)], timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
     reference = load_model(tmp_path / "single").state_dict()

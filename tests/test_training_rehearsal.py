@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +126,7 @@ if __name__ == "__main__":
 # -- the tests --------------------------------------------------------------------------------------------------------
 import pytest
 import torch
+from test_training_distributed import run_on_two_ranks
 
 from llava_integration import load_model
 from training.synthetic import write_synthetic
@@ -134,26 +134,8 @@ from training.synthetic import write_synthetic
 pytestmark = [pytest.mark.rehearsal, pytest.mark.timeout(1800), pytest.mark.usefixtures("single_thread")]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(phase: str, work: Path, tiny: Path, data: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        __file__, phase, str(work), str(tiny), str(data),
-    ]  # fmt: skip
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    return run_on_two_ranks(__file__, [phase, str(work), str(tiny), str(data)], timeout=900)
 
 
 def losses(output: Path) -> dict[int, float]:
