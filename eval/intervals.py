@@ -4,13 +4,16 @@
 Per-document scores come from the samples lmms-eval logs: `*samples_<task>.jsonl` (written with `--log_samples`), or
 the `samples` the ablation's evaluations keep in their `results.json`. Both variants answer the same documents, so each bootstrap draw resamples
 one set of documents for both (paired); with several runs per variant, each draw also resamples each variant's runs.
+When the runs are seeds of one experiment (`paired_runs`: run i of both variants shares seed i's tower, data and
+order), each draw resamples the seeds once for both: a two-level paired bootstrap over seeds and documents.
+`documents` restricts an interval to some documents (one kind of question).
 An interval is only given where the task's score is the mean over documents (checked against the reported scores).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -68,18 +71,25 @@ def delta_interval(
     resamples: int = RESAMPLES,
     seed: int = 0,
     level: float = LEVEL,
+    paired_runs: bool = False,
+    documents: Collection[int] | None = None,
 ) -> tuple[float, float] | None:
-    """The `level` percentile interval of mean(with_) - mean(without) over the documents every run scored."""
+    """The `level` percentile interval of mean(with_) - mean(without) over the documents every run scored (those of
+    them in `documents`, when given); `paired_runs`: run i of `without` and of `with_` are one seed's."""
     shared = sorted(set.intersection(*(set(run) for run in [*without, *with_])))
+    if documents is not None:
+        shared = [doc for doc in shared if doc in set(documents)]
     if len(shared) < 2:
         return None
+    if paired_runs and len(without) != len(with_):
+        raise ValueError(f"paired runs: {len(without)} runs without and {len(with_)} with, expected as many (seeds)")
     a = np.array([[run[doc] for doc in shared] for run in without])
     b = np.array([[run[doc] for doc in shared] for run in with_])
     rng = np.random.default_rng(seed)
-    documents = rng.integers(0, len(shared), size=(resamples, len(shared)))
+    drawn = rng.integers(0, len(shared), size=(resamples, len(shared)))
     picks_a = rng.integers(0, len(a), size=(resamples, len(a))) if len(a) > 1 else None
-    picks_b = rng.integers(0, len(b), size=(resamples, len(b))) if len(b) > 1 else None
-    deltas = _means(b, documents, picks_b) - _means(a, documents, picks_a)
+    picks_b = picks_a if paired_runs else rng.integers(0, len(b), size=(resamples, len(b))) if len(b) > 1 else None
+    deltas = _means(b, drawn, picks_b) - _means(a, drawn, picks_a)
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(deltas, [tail, 100 - tail])
     return float(low), float(high)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from training.synthetic import LETTERS, NUMBER_WORDS, generate_scene, get_preset, scene_questions
+from training.synthetic import LETTERS, MARKER_POSITIONS, NUMBER_WORDS, generate_scene, get_preset, kinded_questions
 
 NUM_CHOICES = 4  # at most: a yes/no question has two
 # The tasks' shared YAML: its `dataset_kwargs` are `generate_documents`' arguments.
@@ -30,8 +30,8 @@ def scene_seed(seed: int, index: int) -> str:
 
 
 def answer_vocabularies(preset: str = "standard") -> dict[str, tuple[str, ...]]:
-    """The answer words of each kind of question scenes of `preset` are asked: every answer `scene_questions` gives
-    lies in exactly one of them, and a multiple-choice document offers its answer and other words of its kind."""
+    """The answer words of each kind of question scenes of `preset` are asked: a multiple-choice document offers its
+    answer and other words of its kind."""
     spec = get_preset(preset)
     words = {
         "colour": tuple(sorted(spec.colours)),
@@ -40,16 +40,10 @@ def answer_vocabularies(preset: str = "standard") -> dict[str, tuple[str, ...]]:
         "position": tuple(sorted(spec.positions)),
         "letter": LETTERS,
         "yes_no": ("yes", "no"),
+        "marker_colour": tuple(sorted(spec.marker_colours)),
+        "marker_position": tuple(sorted(MARKER_POSITIONS)),
     }
     return {kind: words[kind] for kind in spec.questions}
-
-
-def answer_kind(answer: str, preset: str = "standard") -> str:
-    """The kind of question `answer` belongs to (a key of `answer_vocabularies(preset)`)."""
-    kinds = [kind for kind, words in answer_vocabularies(preset).items() if answer in words]
-    if len(kinds) != 1:
-        raise ValueError(f"answer {answer!r} is in {len(kinds)} answer vocabularies, expected exactly one")
-    return kinds[0]
 
 
 def generate_documents(num_docs: int = 200, seed: int = 0, preset: str = "standard") -> list[dict[str, Any]]:
@@ -63,8 +57,7 @@ def generate_documents(num_docs: int = 200, seed: int = 0, preset: str = "standa
     for index in range(num_docs):
         width, height = rng.choice(get_preset(preset).sizes)
         _, facts = generate_scene(random.Random(scene_seed(seed, index)), width, height, preset)
-        question, answer = rng.choice(scene_questions(facts, rng))
-        kind = answer_kind(answer, preset)
+        kind, question, answer = rng.choice(kinded_questions(facts, rng))
         vocabulary = vocabularies[kind]
         others = rng.sample([word for word in vocabulary if word != answer], min(NUM_CHOICES, len(vocabulary)) - 1)
         choices = [answer, *others]

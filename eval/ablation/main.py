@@ -1,9 +1,10 @@
 """`llava-manager ablation [options]` (or `python -m eval ablation`): the grid vs manager ablation end to end, resumable.
 
-With no options, on the embedded default: writes a tiny SigLIP and a tiny Qwen2, assembles them (stage 0), writes
-the synthetic data, trains the four variants
-through their stages (the `tiny` schedule), evaluates each on manager_tiny and manager_tiny_mc, and writes the report
-(markdown, CSV, PNG). With `--vision SIGLIP --llm QWEN2 --data DIR --tasks manager_local13` (or `--model DIR`, an
+With no options, on the embedded default: writes a tiny SigLIP and a tiny Qwen2, pretrains the SigLIP so that its last
+layer keeps the coarse scene and loses the details and probes its layers, assembles it with the Qwen2 (stage 0),
+writes the synthetic data, trains the four variants through their stages (the `tiny` schedule), evaluates each on
+manager_tiny and manager_tiny_mc, and writes the report (markdown, CSV, PNG) and the report per kind of question
+(coarse and detail; `--seeds N` repeats everything with N seeds, each Δ with a 95% interval over seeds and documents). With `--vision SIGLIP --llm QWEN2 --data DIR --tasks manager_local13` (or `--model DIR`, an
 existing LLaVA-OneVision, instead of stage 0) the same steps run the real ablation with the recipes' own settings (the
 `full` schedule). Finished steps are skipped on a re-run (`--force` redoes them).
 """
@@ -11,6 +12,7 @@ existing LLaVA-OneVision, instead of stage 0) the same steps run the real ablati
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
@@ -24,6 +26,7 @@ from .plan import VARIANT_RECIPES, build_plan
 from .progress import Progress, clock
 from .schedule import Schedule, load_schedule, schedule_names
 from .steps import (
+    PROBES,
     AblationError,
     EvalStep,
     Layout,
@@ -32,6 +35,7 @@ from .steps import (
     Step,
     SyntheticDataStep,
     TinyUnimodalStep,
+    TowerStep,
     remove,
 )
 
@@ -40,7 +44,8 @@ DEFAULT_TASKS = "manager_tiny,manager_tiny_mc"
 STAGE_MIXTURES = {"1": "stage1.yaml", "1.5": "stage1.5.yaml", "2": "stage2.yaml"}  # as training.synthetic writes them
 
 EXAMPLES = """examples:
-  {prog}                                   # the tiny ablation on CPU (about 7 minutes)
+  {prog}                                   # the tiny ablation on CPU, one seed (under 5 minutes on 2 cores)
+  {prog} --seeds 3                         # seeds 0-2 (reuses seed 0's run): Δs with intervals over seeds
   {prog} --schedule smoke --out /tmp/smoke # every step, 2 training steps each (seconds)
   {prog} --vision ckpt/siglip-so400m-patch14-384 --llm ckpt/Qwen2-0.5B-Instruct --data data/ \\
       --tasks manager_local13 --out runs/ablation_0.5b --launcher subprocess --nproc 8 \\
@@ -96,6 +101,15 @@ def build_parser(prog: str = "python -m eval ablation") -> argparse.ArgumentPars
         help="torch CPU threads (default: OMP_NUM_THREADS when set, else 1: on a small CPU more threads are slower "
         "for the tiny model)",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat the whole ablation with this many seeds (--seed, --seed + 1, ...; each under --out/seed_S, so a "
+        "later run with more seeds reuses the finished ones) and report each Δ with a 95%% interval over seeds and "
+        "documents (default 1)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
     parser.add_argument("--force", action="store_true", help="redo every step, even finished ones")
     parser.add_argument("--dry-run", action="store_true", help="print the steps and their commands; run nothing")
     return parser
@@ -168,9 +182,16 @@ def choose_launcher(name: str, nproc: int | None):
     return SubprocessLauncher(nproc or max(1, torch.cuda.device_count()))
 
 
-def build_steps(args: argparse.Namespace, schedule: Schedule, launcher) -> list[Step]:
-    """Every step of the run, in order."""
-    layout = Layout(args.out)
+def seed_layouts(args: argparse.Namespace) -> dict[int, Layout]:
+    """Where each seed's run goes: `--out/seed_S` (the report over all of them: `--out/report`)."""
+    if args.seeds < 1:
+        raise AblationError(f"--seeds must be at least 1, got {args.seeds}")
+    return {seed: Layout(args.out / f"seed_{seed}") for seed in range(args.seed, args.seed + args.seeds)}
+
+
+def build_steps(args: argparse.Namespace, schedule: Schedule, launcher, layout: Layout, seed: int = 0) -> list[Step]:
+    """Every step of one seed's run, in order: the seed sets the tower's pretraining, the tiny models' initial
+    weights, the synthetic data and the training order."""
     variants = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = sorted(set(variants) - set(VARIANT_RECIPES))
     if unknown:
@@ -185,12 +206,15 @@ def build_steps(args: argparse.Namespace, schedule: Schedule, launcher) -> list[
     if args.model is None:
         vision, llm = args.vision, args.llm
         if vision is None:
-            unimodal = TinyUnimodalStep(layout.unimodal)
+            unimodal = TinyUnimodalStep(layout.unimodal, seed)
             steps.append(unimodal)
             vision, llm = unimodal.vision, unimodal.llm
-        steps.append(Stage0Step(vision, llm, layout.stage0, {}))
+            if schedule.tower:  # the tiny SigLIP learns its specialisation before it is assembled
+                steps.append(TowerStep(vision, layout.tower, seed, dict(schedule.tower)))
+                vision = layout.tower
+        steps.append(Stage0Step(vision, llm, layout.stage0, {"seed": seed}))
     if args.data is None:
-        steps.append(SyntheticDataStep(layout.data, dict(schedule.synthetic)))
+        steps.append(SyntheticDataStep(layout.data, {**schedule.synthetic, "seed": seed}))
     mixtures, image_folder = stage_data(args.data, args.image_folder, layout)
     train_args = shlex.split(args.train_args)
     for run in plan.stages:
@@ -199,7 +223,8 @@ def build_steps(args: argparse.Namespace, schedule: Schedule, launcher) -> list[
         parent = base_model if run.parent is None else layout.stage(run.parent)
         argv = ["--recipe", run.recipe, "--model_name_or_path", str(parent)]
         argv += ["--data_path", str(mixtures[run.stage]), "--image_folder", str(image_folder)]
-        argv += ["--output_dir", str(directory), *options_to_argv(schedule.stage_options(run.stage)), *train_args]
+        options = {"seed": seed, **schedule.stage_options(run.stage)}
+        argv += ["--output_dir", str(directory), *options_to_argv(options), *train_args]
         steps.append(StageStep(run, argv, directory, parent, launcher))
     settings = schedule.evaluation
     tasks = tuple(task.strip() for task in args.tasks.split(",") if task.strip())
@@ -251,6 +276,24 @@ def write_ablation_report(layout: Layout, evaluations: list[EvalStep]) -> Path:
     return paths[0]
 
 
+def write_seed_report(layouts: dict[int, Layout], evaluations: dict[int, list[EvalStep]], out: Path) -> Path | None:
+    """The report per kind of question over every seed's run (None unless the tasks are the tiny ones)."""
+    from ..question_types import SeedRun, write_question_report
+    from ..tiny_data import shipped_documents
+
+    first = evaluations[next(iter(layouts))][0].job
+    tasks = [task for task in first.tasks if task in ("manager_tiny", "manager_tiny_mc")]
+    if not tasks:
+        return None
+    runs = []
+    for seed, layout in layouts.items():
+        directories = {step.run_spec.variant: step.job.output_dir for step in evaluations[seed]}
+        probes = layout.tower / PROBES
+        runs.append(SeedRun(seed, directories, json.loads(probes.read_text()) if probes.is_file() else None))
+    kinds = {document["question_id"]: document["kind"] for document in shipped_documents(first.limit)}
+    return write_question_report(runs, tasks, kinds, out)
+
+
 def describe_model(args: argparse.Namespace) -> str:
     """Where stage 1 starts, for the first line of the log."""
     if args.model is not None:
@@ -277,17 +320,21 @@ def run(args: argparse.Namespace, launcher=None) -> int:
         launcher = launcher or choose_launcher(args.launcher, args.nproc)
         if args.eval_args and launcher.name == "inprocess":
             raise AblationError(f"--eval-args {args.eval_args!r} need --launcher subprocess (`python -m eval run`)")
-        steps = build_steps(args, schedule, launcher)
+        layouts = seed_layouts(args)
+        seed_steps = {seed: build_steps(args, schedule, launcher, layout, seed) for seed, layout in layouts.items()}
     except (AblationError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    evaluations = [step for step in steps if isinstance(step, EvalStep)]
+    steps = [step for steps in seed_steps.values() for step in steps]
+    evaluations = {seed: [step for step in steps if isinstance(step, EvalStep)] for seed, steps in seed_steps.items()}
+    reports = len(layouts) + 1
     print(
-        f"ablation: {len(steps) + 1} steps into {args.out} | model {describe_model(args)} | schedule "
-        f"{schedule.name} ({schedule.description}) | launcher {launcher.name} | threads {threads}",
+        f"ablation: {len(steps) + reports} steps into {args.out} | model {describe_model(args)} | schedule "
+        f"{schedule.name} ({schedule.description}) | seeds {list(layouts)} | launcher {launcher.name} | threads "
+        f"{threads}",
         flush=True,
     )
-    progress = Progress(len(steps) + 1)
+    progress = Progress(len(steps) + reports)
     try:
         for step in steps:
             reason = None if args.force else step.finished()
@@ -300,13 +347,27 @@ def run(args: argparse.Namespace, launcher=None) -> int:
                 step.run()
         if args.dry_run:
             return 0
-        with progress.step(f"report of {len(evaluations)} variants"):
-            markdown = write_ablation_report(Layout(args.out), evaluations)
+        for seed, layout in layouts.items():
+            with progress.step(f"report of {len(evaluations[seed])} variants (seed {seed})"):
+                markdown = write_ablation_report(layout, evaluations[seed])
+        with progress.step(f"report per kind of question over {len(layouts)} seed(s)"):
+            by_kind = write_seed_report(layouts, evaluations, Layout(args.out).report)
     except (AblationError, StepFailed) as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
-    print("\n" + markdown.read_text())
-    print(f"report: {markdown}, {markdown.with_suffix('.csv')}, {markdown.with_suffix('.png')}")
+    if len(layouts) == 1:
+        print("\n" + markdown.read_text())
+        print(f"report: {markdown}, {markdown.with_suffix('.csv')}, {markdown.with_suffix('.png')}")
+    else:
+        print(f"\nthe report of each seed: {', '.join(str(layout.report) for layout in layouts.values())}")
+    if by_kind is not None:
+        print("\n" + by_kind.read_text())
+        print(f"report per kind of question: {by_kind}, {by_kind.with_suffix('.csv')}")
+    if len(layouts) == 1:
+        print(
+            "one seed cannot show significance: its intervals cover the documents, not the training noise; for "
+            f"intervals over seeds run: llava-manager ablation --seeds 3 --out {args.out} (reuses this seed's run)"
+        )
     print(f"total time {clock(progress.elapsed())}")
     return 0
 

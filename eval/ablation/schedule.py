@@ -2,7 +2,8 @@
 
 A schedule holds the synthetic data's size (used when no `--data` is given), `python -m training` options for every
 stage (`all`) and per recipe stage (`"1"`, `"1.5"`, `"2"`; these win), and the evaluation's batch size, document
-limit and model arguments. `tiny` is the embedded default's, `smoke` the smallest that runs every step, `full` the
+limit and model arguments, and (`tower`) how the tiny SigLIP is pretrained and probed before stage 0 assembles it
+(`training.tower_pretraining.PretrainSettings` fields and the probes' scene counts; only on the embedded default). `tiny` is the embedded default's, `smoke` the smallest that runs every step, `full` the
 recipes' own settings (the real ablation).
 """
 
@@ -34,6 +35,9 @@ class Schedule:
     synthetic: dict[str, Any] = field(default_factory=dict)  # write_synthetic keywords (num_scenes, seed, preset)
     training: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluation: EvalSettings = EvalSettings()
+    tower: dict[str, Any] = field(
+        default_factory=dict
+    )  # PretrainSettings fields, probe_train_scenes, probe_test_scenes
 
     def stage_options(self, stage: str) -> dict[str, Any]:
         """The `python -m training` options of a stage of recipe stage `stage` ("1", "1.5" or "2")."""
@@ -55,7 +59,7 @@ def load_schedule(name_or_path: str | Path) -> Schedule:
                 f"unknown schedule {str(name_or_path)!r}: expected one of {schedule_names()} or a YAML file"
             )
     data = yaml.safe_load(path.read_text()) or {}
-    known = {"description", "synthetic", "training", "evaluation"}
+    known = {"description", "synthetic", "training", "evaluation", "tower"}
     if not isinstance(data, dict) or set(data) - known:
         raise ValueError(f"schedule {path}: expected a mapping with keys among {sorted(known)}, got {data!r}")
     training = {str(key): dict(value or {}) for key, value in (data.get("training") or {}).items()}
@@ -68,7 +72,20 @@ def load_schedule(name_or_path: str | Path) -> Schedule:
         settings = EvalSettings(**evaluation)
     except TypeError as error:
         raise ValueError(f"schedule {path}: evaluation takes batch_size, limit, model_args ({error})") from error
-    return Schedule(path.stem, str(data.get("description", "")), synthetic, training, settings)
+    tower = dict(data.get("tower") or {})
+    if tower:
+        from training.tower_pretraining import PretrainSettings
+
+        probes = {"probe_train_scenes", "probe_test_scenes"}
+        if not probes <= set(tower):
+            raise ValueError(f"schedule {path}: tower needs {sorted(probes)} (the probes' scene counts)")
+        try:
+            PretrainSettings(**{key: value for key, value in tower.items() if key not in probes})
+        except TypeError as error:
+            raise ValueError(
+                f"schedule {path}: tower takes PretrainSettings fields and {sorted(probes)} ({error})"
+            ) from error
+    return Schedule(path.stem, str(data.get("description", "")), synthetic, training, settings, tower)
 
 
 def _check_training(path: Path, training: dict[str, dict[str, Any]]) -> None:

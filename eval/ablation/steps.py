@@ -38,6 +38,10 @@ class Layout:
         return self.root / "unimodal"
 
     @property
+    def tower(self) -> Path:
+        return self.root / "tower"
+
+    @property
     def stage0(self) -> Path:
         return self.root / "stage0"
 
@@ -96,11 +100,74 @@ class Step(Protocol):
     def run(self) -> None: ...
 
 
+PROBES = "probes.json"
+
+
+@dataclass
+class TowerStep:
+    """Pretrain a SigLIP (`training.tower_pretraining`) into `directory` and probe its layers (`eval.probes`)."""
+
+    source: Path  # the SigLIP checkpoint it starts from
+    directory: Path
+    seed: int
+    settings: dict[str, Any]  # PretrainSettings fields, and probe_train_scenes / probe_test_scenes
+    label: str = "pretrain the SigLIP (coarse + invariant to details), probe its layers"
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"source": str(self.source), "seed": self.seed, **self.settings}
+
+    def finished(self) -> str | None:
+        probes = self.directory / PROBES
+        if not probes.is_file() or not _newer(probes, self.source / CONFIG):  # written last; redo on a new source
+            return None
+        _recorded(self.directory, self.spec, "the pretrained SigLIP")
+        return f"SigLIP and probes in {self.directory}"
+
+    def command(self) -> str:
+        return f"training.tower_pretraining.pretrain_tower + eval.probes.probe_tower: {self.source} -> {self.directory}"
+
+    def run(self) -> None:
+        from transformers import SiglipImageProcessor, SiglipVisionModel
+
+        from training.tower_pretraining import PretrainSettings, pretrain_tower
+
+        from ..probes import probe_gate, probe_tower
+
+        options = dict(self.settings)
+        probe_sizes = {key: options.pop(f"probe_{key}") for key in ("train_scenes", "test_scenes")}
+        settings = PretrainSettings(**options)
+        tower = SiglipVisionModel.from_pretrained(self.source)
+        metrics = pretrain_tower(tower, settings, self.seed)
+        # Stage 0 keeps the hidden states up to the one LLaVA reads (it drops the last block): probe those.
+        table = probe_tower(tower, settings.preset, num_hidden_states=tower.config.num_hidden_layers, **probe_sizes)
+        gate = probe_gate(table)
+        print(f"probe gate: {gate.message}", flush=True)
+        if not gate.passed:
+            print(
+                "warning: the tower's last layer still reads the details nearly as well as its intermediate layers: "
+                "this world does not have the mechanism the ablation tests (a longer or stronger tower pretraining "
+                "may give it)",
+                flush=True,
+            )
+        remove(self.directory)
+        tower.save_pretrained(self.directory)
+        SiglipImageProcessor.from_pretrained(self.source).save_pretrained(self.directory)
+        _record(self.directory, self.spec)
+        record = {
+            "pretraining": metrics,
+            "probes": table.to_dict(),
+            "gate": {"passed": gate.passed, "message": gate.message},
+        }
+        (self.directory / PROBES).write_text(json.dumps(record, indent=1))
+
+
 @dataclass
 class TinyUnimodalStep:
     """Write the tiny SigLIP and Qwen2 (`siglip/`, `qwen2/`): stage 0's inputs when no --model or --vision is given."""
 
     directory: Path
+    seed: int = 0
     label: str = "tiny SigLIP and Qwen2"
 
     @property
@@ -112,17 +179,20 @@ class TinyUnimodalStep:
         return self.directory / "qwen2"
 
     def finished(self) -> str | None:
-        done = all((path / CONFIG).is_file() for path in (self.vision, self.llm))
-        return f"in {self.directory}" if done else None
+        if not all((path / CONFIG).is_file() for path in (self.vision, self.llm)):
+            return None
+        _recorded(self.directory, {"seed": self.seed}, "the tiny SigLIP and Qwen2")
+        return f"in {self.directory}"
 
     def command(self) -> str:
-        return f"python -m llava_integration.tiny {self.directory} --unimodal"
+        return f"python -m llava_integration.tiny {self.directory} --unimodal --seed {self.seed}"
 
     def run(self) -> None:
         from llava_integration.tiny import write_tiny_unimodal
 
         remove(self.directory)  # a half-written pair from an interrupted run
-        write_tiny_unimodal(self.directory)
+        write_tiny_unimodal(self.directory, self.seed)
+        _record(self.directory, {"seed": self.seed})
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """The embedded default dataset: seeded synthetic scenes with captions, questions and answers, in LLaVA format."""
 
 from .scenes import (
+    COARSE_KINDS,
     COLOURS,
     DEFAULT_SIZES,
     LETTERS,
+    MARKER_POSITIONS,
     NUMBER_WORDS,
     POSITIONS,
     PRESETS,
@@ -12,14 +14,17 @@ from .scenes import (
     ScenePreset,
     generate_scene,
     get_preset,
+    kinded_questions,
     scene_questions,
 )
 from .writer import write_synthetic
 
 __all__ = [
+    "COARSE_KINDS",
     "COLOURS",
     "DEFAULT_SIZES",
     "LETTERS",
+    "MARKER_POSITIONS",
     "NUMBER_WORDS",
     "POSITIONS",
     "PRESETS",
@@ -28,6 +33,7 @@ __all__ = [
     "ScenePreset",
     "generate_scene",
     "get_preset",
+    "kinded_questions",
     "scene_questions",
     "write_synthetic",
 ]

@@ -4,7 +4,10 @@
 questions whose answers are single words of the tiny tokenizer's vocabulary (colours, shapes, positions, number
 words, letters A-E, yes / no), so that an evaluation can score exact matches. A preset (`PRESETS`) says what the
 scenes may hold and what is asked about them: `standard` varies everything, `easy` draws one large shape on white,
-asked only what a tiny model learns from a few hundred steps.
+asked only what a tiny model learns from a few hundred steps. `detail` draws the easy preset's large shape plus two
+small details (a marker and a letter) whose kind, colour, place, size and rendering come from a generator of their own
+(`detail_rng`), so the same coarse scene can be drawn with other details: the positive pairs of the tiny tower's
+invariance pretraining (`training.tower_pretraining`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = {
@@ -34,7 +38,13 @@ SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "r
 POSITIONS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78), "centre": (0.5, 0.5)}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 LETTERS = ("A", "B", "C", "D", "E")
-QUESTION_KINDS = ("colour", "shape", "count", "position", "letter", "yes_no")
+QUESTION_KINDS = ("colour", "shape", "count", "position", "letter", "yes_no", "marker_colour", "marker_position")
+# Kinds that ask about the scene's large shape; the others ask about small details.
+COARSE_KINDS = ("colour", "shape", "count", "position", "yes_no")
+# Where a detail preset's marker sits: the middle of an edge (fractions of width and height), clear of the large shape.
+MARKER_POSITIONS = {"left": (0.09, 0.5), "right": (0.91, 0.5), "top": (0.5, 0.09), "bottom": (0.5, 0.91)}
+# Where its letter sits: a corner, as the fraction of the free space left of / above the glyph.
+LETTER_CORNERS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0))
 SINGLE_WORD = "Answer with a single word."
 WHITE = (255, 255, 255)
 # (width, height): square, wide and tall, at 1x-3x the tiny tower's 32 px input.
@@ -54,6 +64,12 @@ class ScenePreset:
     plain_background: bool  # white; otherwise dark or light, whichever contrasts with the shape's colour
     questions: tuple[str, ...]  # kinds of QUESTION_KINDS asked (count, position, letter only where they apply)
     sizes: tuple[tuple[int, int], ...]  # the (width, height) a dataset or task draws its scenes at
+    # A small marker (dot or square) of one of these colours at an edge, and a small letter in a corner, always both;
+    # () draws neither. Sizes are (min, max) fractions of the shorter side, drawn per scene.
+    marker_colours: tuple[str, ...] = ()
+    marker_radius: tuple[float, float] = (0.06, 0.09)
+    letter_size: tuple[float, float] = (0.22, 0.3)
+    noise: float = 0.0  # the standard deviation of Gaussian pixel noise (0..255 scale) on a detail preset's scenes
 
     def __post_init__(self) -> None:
         for name, chosen, known in (
@@ -64,7 +80,14 @@ class ScenePreset:
         ):
             if not chosen or set(chosen) - set(known):
                 raise ValueError(f"preset {name} {chosen}: expected some of {tuple(known)}")
-        if self.plain_background and "white" in self.colours:
+        if set(self.marker_colours) - set(COLOURS):
+            raise ValueError(f"preset marker_colours {self.marker_colours}: expected some of {tuple(COLOURS)}")
+        details = {"marker_colour", "marker_position"} & set(self.questions)
+        if details and not self.marker_colours:
+            raise ValueError(f"preset asks {sorted(details)} but draws no marker: give it marker_colours")
+        if self.marker_colours and self.max_count != 1:
+            raise ValueError("a preset with details draws one large shape (max_count 1): the edges must stay clear")
+        if self.plain_background and "white" in self.colours + self.marker_colours:
             raise ValueError("a preset on a plain white background cannot draw white shapes")
         if not 1 <= self.max_count <= 4:
             raise ValueError(f"preset max_count {self.max_count}: expected 1..4 (the cells of a 2 x 2 grid)")
@@ -94,6 +117,22 @@ PRESETS: dict[str, ScenePreset] = {
         questions=("colour", "shape", "yes_no"),
         sizes=((32, 32), (64, 32), (32, 64), (64, 64)),
     ),
+    # The easy preset's large shape (smaller: the edges stay clear) and two details, always both: a marker dot or square
+    # at an edge and a letter A-E in a corner, each of varying size. At 64 px the marker is 4-6 px wide, the letter
+    # 14-19 px tall; the tower sees them at half that without the grid, at full size in the grid's crops.
+    "detail": ScenePreset(
+        colours=("black", "blue", "green", "purple", "red", "yellow"),
+        shapes=("circle", "cross", "square", "triangle"),
+        positions=("centre",),
+        max_count=1,
+        letter_rate=0.0,  # the letter is a detail, drawn with the marker
+        radius=0.27,
+        plain_background=True,
+        questions=("colour", "shape", "marker_colour", "marker_position", "letter"),
+        sizes=((64, 64),),
+        marker_colours=("blue", "green", "red", "yellow"),
+        noise=16.0,
+    ),
 }
 
 
@@ -116,6 +155,8 @@ class SceneFacts:
     width: int
     height: int
     preset: str = "standard"
+    marker_colour: str | None = None  # set when the preset draws details
+    marker_position: str | None = None
 
     def caption(self) -> str:
         """A one-sentence description (stage-1 caption)."""
@@ -127,6 +168,8 @@ class SceneFacts:
             text = f"The image shows {article} {self.colour} {self.shape} {where}."
         else:
             text = f"The image shows {NUMBER_WORDS[self.count]} {self.colour} {self.shape} shapes."
+        if self.marker_colour:
+            text += f" A small {self.marker_colour} dot is at the {self.marker_position}."
         return text + (f" The text says {self.letter}." if self.letter else "")
 
 
@@ -169,12 +212,73 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}: expected one of {SHAPES}")
 
 
-def generate_scene(
-    rng: random.Random | int | str, width: int = 64, height: int = 64, preset: str = "standard"
+def _draw_details(
+    draw: ImageDraw.ImageDraw, rng: random.Random, spec: ScenePreset, width: int, height: int
+) -> tuple[str, str, str]:
+    """Draw a detail preset's marker and letter from `rng`; return (marker colour, marker position, letter)."""
+    side = min(width, height)
+    colour, position = rng.choice(spec.marker_colours), rng.choice(sorted(MARKER_POSITIONS))
+    fx, fy = MARKER_POSITIONS[position]
+    jitter = 0.06 * side  # along the edge and inwards, so a marker's place is a region, not a pixel
+    cx = fx * width + (rng.uniform(-jitter, jitter) if position in ("top", "bottom") else 0)
+    cy = fy * height + (rng.uniform(-jitter, jitter) if position in ("left", "right") else 0)
+    r = max(1.0, side * rng.uniform(*spec.marker_radius))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=COLOURS[colour])
+    letter = rng.choice(LETTERS)
+    font = ImageFont.load_default(size=max(6, round(side * rng.uniform(*spec.letter_size))))
+    left, top, right, bottom = draw.textbbox((0, 0), letter, font=font)
+    fx, fy = rng.choice(LETTER_CORNERS)
+    ink = (0, 0, 0) if rng.random() < 0.5 else (90, 90, 90)
+    draw.text(
+        (fx * (width - right) - left * (1 - fx), fy * (height - bottom) - top * (1 - fy)), letter, fill=ink, font=font
+    )
+    return colour, position, letter
+
+
+def _detail_scene(
+    rng: random.Random, detail_rng: random.Random, width: int, height: int, preset: str
 ) -> tuple[Image.Image, SceneFacts]:
-    """A `width` x `height` RGB scene of `preset` drawn from `rng` (a `random.Random` or a seed), and its facts."""
+    """A detail preset's scene: the large shape from `rng`, with nuisance variation of its own (place, size, shade,
+    background: a coarse scene is not one of a few exact images, so a layer's leftover trace of a detail is not
+    trivially readable), then the details from `detail_rng`."""
+    spec = get_preset(preset)
+    shape, colour = rng.choice(spec.shapes), rng.choice(spec.colours)
+    side = min(width, height)
+    grey = rng.randint(215, 255)
+    image = Image.new("RGB", (width, height), (grey, grey, grey))
+    draw = ImageDraw.Draw(image)
+    shift = 0.06 * side
+    cx, cy = width / 2 + rng.uniform(-shift, shift), height / 2 + rng.uniform(-shift, shift)
+    radius = side * spec.radius * rng.uniform(0.8, 1.15)
+    fill = tuple(min(255, max(0, channel + rng.randint(-30, 30))) for channel in COLOURS[colour])
+    _draw_shape(draw, shape, cx, cy, radius, fill)
+    marker_colour, marker_position, letter = _draw_details(draw, detail_rng, spec, width, height)
+    if spec.noise:  # sensor-like noise, part of the coarse scene (both views of a pair share it)
+        noise = np.random.default_rng(rng.getrandbits(64)).normal(0.0, spec.noise, (height, width, 3))
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+    facts = SceneFacts(shape, colour, 1, "centre", letter, width, height, preset, marker_colour, marker_position)
+    return image, facts
+
+
+def generate_scene(
+    rng: random.Random | int | str,
+    width: int = 64,
+    height: int = 64,
+    preset: str = "standard",
+    detail_rng: random.Random | int | str | None = None,
+) -> tuple[Image.Image, SceneFacts]:
+    """A `width` x `height` RGB scene of `preset` drawn from `rng` (a `random.Random` or a seed), and its facts.
+
+    A preset with details draws them from `detail_rng` (default: `rng`, after the large shape): the same `rng` with
+    another `detail_rng` is the same coarse scene with other details."""
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     spec = get_preset(preset)
+    if spec.marker_colours:
+        detail_rng = (
+            detail_rng if detail_rng is None or isinstance(detail_rng, random.Random) else random.Random(detail_rng)
+        )
+        return _detail_scene(rng, detail_rng or rng, width, height, preset)
     shape, colour = rng.choice(spec.shapes), rng.choice(spec.colours)
     count = rng.randint(1, spec.max_count)
     letter = rng.choice(LETTERS) if rng.random() < spec.letter_rate else None
@@ -200,25 +304,34 @@ def generate_scene(
     return image, SceneFacts(shape, colour, count, position, letter, width, height, preset)
 
 
-def scene_questions(facts: SceneFacts, rng: random.Random | int = 0) -> list[tuple[str, str]]:
-    """Questions about the scene (of the kinds its preset asks) with their single-word answers."""
+def kinded_questions(facts: SceneFacts, rng: random.Random | int = 0) -> list[tuple[str, str, str]]:
+    """(kind, question, single-word answer) for each kind of question the scene's preset asks that applies to it."""
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     spec = get_preset(facts.preset)
-    pairs = []
+    asked = []
     for kind in spec.questions:
         if kind == "colour":
-            pairs.append((f"What colour is the shape? {SINGLE_WORD}", facts.colour))
+            asked.append((kind, f"What colour is the shape? {SINGLE_WORD}", facts.colour))
         elif kind == "shape":
-            pairs.append((f"What shape is in the image? {SINGLE_WORD}", facts.shape))
+            asked.append((kind, f"What shape is in the image? {SINGLE_WORD}", facts.shape))
         elif kind == "count":
-            pairs.append((f"How many shapes are there? {SINGLE_WORD}", NUMBER_WORDS[facts.count]))
+            asked.append((kind, f"How many shapes are there? {SINGLE_WORD}", NUMBER_WORDS[facts.count]))
         elif kind == "position" and facts.position is not None:
-            pairs.append((f"Where is the shape? {SINGLE_WORD}", facts.position))
+            asked.append((kind, f"Where is the shape? {SINGLE_WORD}", facts.position))
         elif kind == "letter" and facts.letter is not None:
-            pairs.append((f"Which letter is in the image? {SINGLE_WORD}", facts.letter))
+            asked.append((kind, f"Which letter is in the image? {SINGLE_WORD}", facts.letter))
         elif kind == "yes_no":
             others = sorted(set(spec.colours) - {facts.colour})
-            asked = facts.colour if rng.random() < 0.5 else rng.choice(others)
-            answer = "yes" if asked == facts.colour else "no"
-            pairs.append((f"Is there a {asked} {facts.shape}? {SINGLE_WORD}", answer))
-    return pairs
+            colour = facts.colour if rng.random() < 0.5 else rng.choice(others)
+            answer = "yes" if colour == facts.colour else "no"
+            asked.append((kind, f"Is there a {colour} {facts.shape}? {SINGLE_WORD}", answer))
+        elif kind == "marker_colour" and facts.marker_colour is not None:
+            asked.append((kind, f"What colour is the small dot? {SINGLE_WORD}", facts.marker_colour))
+        elif kind == "marker_position" and facts.marker_position is not None:
+            asked.append((kind, f"Where is the small dot? {SINGLE_WORD}", facts.marker_position))
+    return asked
+
+
+def scene_questions(facts: SceneFacts, rng: random.Random | int = 0) -> list[tuple[str, str]]:
+    """Questions about the scene (of the kinds its preset asks) with their single-word answers."""
+    return [(question, answer) for _, question, answer in kinded_questions(facts, rng)]
