@@ -66,17 +66,17 @@ def test_stage_arguments_chain_outputs_and_layer_the_options(tmp_path):
         values = [value for flag, value in zip(step.argv, step.argv[1:]) if flag == f"--{name}"]
         return values[-1]  # argparse keeps the last
 
-    assert option(stages["stage1"], "model_name_or_path") == str(tmp_path / "stage0")  # the tiny, assembled
-    assert option(stages["stage2_manager"], "model_name_or_path") == str(tmp_path / "stages" / "stage1.5_manager")
-    assert option(stages["stage1.5"], "data_path") == str(tmp_path / "data" / "stage1.5.yaml")
-    assert option(stages["stage2"], "output_dir") == str(tmp_path / "stages" / "stage2")
+    assert option(stages["stage1"], "model_name_or_path") == str(tmp_path / "seed_0" / "stage0")  # the tiny, assembled
+    assert option(stages["stage2_manager"], "model_name_or_path") == str(tmp_path / "seed_0" / "stages" / "stage1.5_manager")
+    assert option(stages["stage1.5"], "data_path") == str(tmp_path / "seed_0" / "data" / "stage1.5.yaml")
+    assert option(stages["stage2"], "output_dir") == str(tmp_path / "seed_0" / "stages" / "stage2")
     assert option(stages["stage2"], "max_steps") == "7"  # --train-args win over the schedule
     schedule = yaml.safe_load((Path(__file__).parents[1] / "eval" / "ablation" / "schedules" / "tiny.yaml").read_text())
     assert float(option(stages["stage1.5"], "learning_rate")) == schedule["training"]["1.5"]["learning_rate"]
     evaluations = {step.run_spec.variant: step.job for step in steps if isinstance(step, EvalStep)}
     assert evaluations["grid"].model_args == "grid=true,dtype=bfloat16"  # the user's dtype replaces the schedule's
     assert evaluations["manager"].model_args == "grid=false,dtype=bfloat16"
-    assert evaluations["manager"].checkpoint == tmp_path / "stages" / "stage2_manager_nogrid"
+    assert evaluations["manager"].checkpoint == tmp_path / "seed_0" / "stages" / "stage2_manager_nogrid"
 
 
 def test_vision_and_llm_start_with_stage_0_instead_of_model(tmp_path, capsys, one_thread):
@@ -90,16 +90,16 @@ def test_vision_and_llm_start_with_stage_0_instead_of_model(tmp_path, capsys, on
     steps = build_steps(args, load_schedule("full"), InProcessLauncher())
     assert isinstance(steps[0], Stage0Step) and not any(isinstance(step, TinyUnimodalStep) for step in steps)
     assert (steps[0].vision, steps[0].llm, steps[0].directory) == (
-        tmp_path / "siglip", tmp_path / "qwen2", tmp_path / "out" / "stage0"
+        tmp_path / "siglip", tmp_path / "qwen2", tmp_path / "out" / "seed_0" / "stage0"
     )  # fmt: skip
     stage1 = next(step for step in steps if isinstance(step, StageStep) and step.run_spec.recipe == "stage1")
-    assert stage1.argv[stage1.argv.index("--model_name_or_path") + 1] == str(tmp_path / "out" / "stage0")
+    assert stage1.argv[stage1.argv.index("--model_name_or_path") + 1] == str(tmp_path / "out" / "seed_0" / "stage0")
     assert run(build_parser().parse_args(["--out", str(tmp_path / "out"), *unimodal, *data, "--dry-run"])) == 0
     assert f"python -m llava_integration.assemble --vision {tmp_path / 'siglip'}" in capsys.readouterr().out
     # Stage 0 runs first and stops the run on a bad input (here: no such directory), before any training.
     assert run(build_parser().parse_args(["--out", str(tmp_path / "out"), *unimodal, *data]), FakeLauncher()) == 1
     assert f"stage 0: --vision {tmp_path / 'siglip'} is not a directory" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "stage0").exists()
+    assert not (tmp_path / "out" / "seed_0" / "stage0").exists()
     for bad, message in (
         (unimodal[:2], "--vision and --llm go together"),
         ([*unimodal, "--model", str(tmp_path)], "--model replaces stage 0"),
@@ -170,12 +170,12 @@ def test_a_rerun_skips_finished_work_and_redoes_what_is_stale(tmp_path, capsys, 
     assert "train stage2 (grid): skipped, model in" in capsys.readouterr().out
 
     # An interrupted stage (checkpoints, no config.json) resumes; everything made from it is redone from scratch.
-    os.remove(tmp_path / "stages" / "stage1.5" / "config.json")
-    (tmp_path / "stages" / "stage1.5" / "checkpoint-3").mkdir()
-    (tmp_path / "stages" / "stage2" / "checkpoint-3").mkdir()
+    os.remove(tmp_path / "seed_0" / "stages" / "stage1.5" / "config.json")
+    (tmp_path / "seed_0" / "stages" / "stage1.5" / "checkpoint-3").mkdir()
+    (tmp_path / "seed_0" / "stages" / "stage2" / "checkpoint-3").mkdir()
     code, partial = ablation()
     assert code == 0 and partial.trained == ["stage1.5", "stage2"] and partial.evaluated == ["grid"]
-    assert partial.resumed == ["stage1.5"] and not (tmp_path / "stages" / "stage2" / "checkpoint-3").exists()
+    assert partial.resumed == ["stage1.5"] and not (tmp_path / "seed_0" / "stages" / "stage2" / "checkpoint-3").exists()
 
     code, changed = ablation("--train-args", "--max_steps 5")
     assert code == 1 and changed.trained == []
@@ -207,6 +207,7 @@ def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_
     args = build_parser().parse_args(["--out", str(first), "--schedule", "smoke", "--threads", "1"])
     assert run(args, launcher) == 0
     output = capsys.readouterr().out
+    top, first = first, first / "seed_0"  # one seed's run under --out/seed_0, the report per kind under --out/report
     for stage in build_plan().stages:
         assert (first / "stages" / stage.recipe / "config.json").is_file(), stage.recipe
         provenance = json.loads((first / "stages" / stage.recipe / "provenance.json").read_text())
@@ -215,7 +216,7 @@ def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_
         results = json.loads((first / "eval" / variant / "results.json").read_text())
         assert results["n-samples"]["manager_tiny_mc"]["effective"] == 6
         assert 0 <= results["results"]["manager_tiny"]["exact_match,none"] <= 1
-        assert results["provenance"]["tasks"]["manager_tiny"]["version"] == 2.0
+        assert results["provenance"]["tasks"]["manager_tiny"]["version"] == 3.0
         assert {task: len(resps) for task, resps in answers(results).items()} == {
             "manager_tiny": 6,
             "manager_tiny_mc": 6,
@@ -229,23 +230,34 @@ def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_
     assert all(rows["manager_tiny_mc"][variant] != "" for variant in VARIANT_RECIPES)
     assert (report / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (report / "ablation.md").read_text()
-    assert "[18/18" in output and "chance on the 6 manager_tiny documents" in markdown
+    assert "[20/20" in output and "chance on the 6 manager_tiny documents" in markdown
     assert "standard error of up to 20.4 points: a Δ within ±57.7 is noise" in markdown  # 50 / sqrt(6), x 2 sqrt(2)
     assert (
         "## Provenance" in output
         and "- evaluation of Baseline, +Manager, +Grid, +Grid+Manager: llava-manager" in output
     )
 
+    by_kind = (top / "report" / "question_types.md").read_text()
+    assert "**Hypothesis** (stated before running)" in by_kind and "| 6 (last, what LLaVA reads) |" in by_kind
+    assert "- gate: the layer LLaVA reads (hidden state 6)" in by_kind and "One seed cannot show significance" in by_kind
+    assert "one seed cannot show significance" in output and "--seeds 3" in output
+    assert json.loads((first / "tower" / "probes.json").read_text())["probes"]["majority"].keys() == {
+        "colour", "shape", "marker_colour", "marker_position", "letter"
+    }  # fmt: skip
+
     launcher.train = launcher.evaluate = pytest.fail  # nothing may run again
     assert run(args, launcher) == 0
-    assert capsys.readouterr().out.count("skipped") == 17
+    assert capsys.readouterr().out.count("skipped") == 18
 
     launcher = InProcessLauncher(task_manager=shared_task_manager())
     assert (
         run(build_parser().parse_args(["--out", str(second), "--schedule", "smoke", "--threads", "1"]), launcher) == 0
     )
     for variant in VARIANT_RECIPES:
-        once, again = (json.loads((out / "eval" / variant / "results.json").read_text()) for out in (first, second))
+        once, again = (
+            json.loads((out / "eval" / variant / "results.json").read_text()) for out in (first, second / "seed_0")
+        )
         assert once["results"] == again["results"], variant
         assert answers(once) == answers(again), variant
-    assert (second / "report" / "ablation.md").read_text() == markdown
+    assert (second / "seed_0" / "report" / "ablation.md").read_text() == markdown
+    assert (second / "report" / "question_types.md").read_text() == by_kind

@@ -11,6 +11,7 @@ state LLaVA-OneVision reads (`FEATURE_LAYER`: the second to last; stage 0 drops 
     loss = CE(colour) + CE(shape)                     the coarse classification, from the tokens' mean
          + invariance * mean |h(view 1) - h(view 2)| / std(h)   per feature of every token, scale-free
          + contrastive * InfoNCE(view 1, view 2)       SimCLR over the batch: keep what tells scenes apart
+         + (mean ||h|| / mean ||h at the start|| - 1)^2   the features keep their scale
 
 so that layer keeps the large shape and becomes blind to the details, which nothing else asks it to keep. Only the
 top `trained_blocks` blocks below that layer learn: the blocks below keep their generic (here random) weights, which
@@ -174,6 +175,8 @@ def pretrain_tower(tower: torch.nn.Module, settings: PretrainSettings, seed: int
     def features(pixels: torch.Tensor) -> torch.Tensor:
         return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[FEATURE_LAYER]
 
+    with torch.no_grad():
+        reference = features(scenes.pixels[:256]).norm(dim=-1).mean()
     trained.train()
     classification = invariance = torch.tensor(0.0)
     for _ in range(settings.steps):
@@ -187,7 +190,7 @@ def pretrain_tower(tower: torch.nn.Module, settings: PretrainSettings, seed: int
         tokens = inputs[rows]
         for block in trained:
             tokens = block(tokens, None)  # (2B, patches, width): the hidden state LLaVA reads
-        pooled = tokens.mean(dim=1)
+        pooled = torch.nn.functional.layer_norm(tokens.mean(dim=1), tokens.shape[-1:])  # scale-free, as the rest
         classification = sum(
             torch.nn.functional.cross_entropy(head(pooled), labels[kind][rows]) for kind, head in heads.items()
         ) / len(heads)
@@ -208,14 +211,22 @@ def pretrain_tower(tower: torch.nn.Module, settings: PretrainSettings, seed: int
             torch.nn.functional.cross_entropy(similarity, targets)
             + torch.nn.functional.cross_entropy(similarity.T, targets)
         ) / 2
-        loss = classification + settings.invariance * invariance + settings.contrastive * contrastive
+        # Every term above is scale-free: keep the tokens' size where it was (the projector LLaVA trains on them
+        # from scratch expects features of the random tower's scale, not ten times it).
+        size = (tokens.norm(dim=-1).mean() / reference - 1).pow(2)
+        loss = classification + settings.invariance * invariance + settings.contrastive * contrastive + size
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     tower.eval()
     with torch.no_grad():
-        pooled = features(held_out.pixels).mean(dim=1)
-    metrics = {"final_classification_loss": classification.item(), "final_invariance": invariance.item()}
+        tokens = features(held_out.pixels)
+        pooled = torch.nn.functional.layer_norm(tokens.mean(dim=1), tokens.shape[-1:])
+    metrics = {
+        "final_classification_loss": classification.item(),
+        "final_invariance": invariance.item(),
+        "feature_norm_ratio": float(tokens.norm(dim=-1).mean() / reference),
+    }
     for kind, head in heads.items():
         predicted = head(pooled).argmax(dim=-1)
         metrics[f"held_out_{kind}_accuracy"] = float((predicted == held_out.labels(kind, classes[kind])).float().mean())

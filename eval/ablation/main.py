@@ -189,9 +189,12 @@ def seed_layouts(args: argparse.Namespace) -> dict[int, Layout]:
     return {seed: Layout(args.out / f"seed_{seed}") for seed in range(args.seed, args.seed + args.seeds)}
 
 
-def build_steps(args: argparse.Namespace, schedule: Schedule, launcher, layout: Layout, seed: int = 0) -> list[Step]:
-    """Every step of one seed's run, in order: the seed sets the tower's pretraining, the tiny models' initial
-    weights, the synthetic data and the training order."""
+def build_steps(
+    args: argparse.Namespace, schedule: Schedule, launcher, layout: Layout | None = None, seed: int = 0
+) -> list[Step]:
+    """Every step of one seed's run (under `layout`, default `--out/seed_<seed>`), in order: the seed sets the tower's
+    pretraining, the tiny models' initial weights, the synthetic data and the training order."""
+    layout = layout or Layout(args.out / f"seed_{seed}")
     variants = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = sorted(set(variants) - set(VARIANT_RECIPES))
     if unknown:
