@@ -15,10 +15,10 @@ import yaml
 from test_eval_tasks import shared_task_manager
 
 from eval.ablation.launchers import InProcessLauncher
-from eval.ablation.main import build_parser, build_steps, run
+from eval.ablation.main import build_parser, build_steps, run, seed_layouts
 from eval.ablation.plan import VARIANT_RECIPES, build_plan
 from eval.ablation.schedule import load_schedule
-from eval.ablation.steps import EvalStep, Stage0Step, StageStep, TinyUnimodalStep
+from eval.ablation.steps import EvalStep, Stage0Step, StageStep, SyntheticDataStep, TinyUnimodalStep, TowerStep
 from eval.benchmarks import load_table
 from training.recipe import RECIPE_DIR
 
@@ -77,6 +77,23 @@ def test_stage_arguments_chain_outputs_and_layer_the_options(tmp_path):
     assert evaluations["grid"].model_args == "grid=true,dtype=bfloat16"  # the user's dtype replaces the schedule's
     assert evaluations["manager"].model_args == "grid=false,dtype=bfloat16"
     assert evaluations["manager"].checkpoint == tmp_path / "seed_0" / "stages" / "stage2_manager_nogrid"
+
+
+def test_seeds_repeat_every_step_with_their_seed_under_their_own_directory(tmp_path, capsys):
+    args = build_parser().parse_args(["--out", str(tmp_path), "--seeds", "2", "--seed", "5"])
+    layouts = seed_layouts(args)
+    assert {seed: layout.root for seed, layout in layouts.items()} == {5: tmp_path / "seed_5", 6: tmp_path / "seed_6"}
+    steps = build_steps(args, load_schedule("tiny"), InProcessLauncher(), layouts[6], 6)
+    by_type = {type(step): step for step in steps}
+    assert by_type[TinyUnimodalStep].seed == 6 and by_type[TowerStep].seed == 6
+    assert by_type[TowerStep].directory == tmp_path / "seed_6" / "tower"
+    assert by_type[Stage0Step].vision == tmp_path / "seed_6" / "tower"  # stage 0 assembles the pretrained tower
+    assert by_type[Stage0Step].options == {"seed": 6} and by_type[SyntheticDataStep].options["seed"] == 6
+    for step in (step for step in steps if isinstance(step, StageStep)):
+        assert step.argv[step.argv.index("--seed") + 1] == "6"
+        assert step.argv[step.argv.index("--output_dir") + 1].startswith(str(tmp_path / "seed_6"))
+    assert run(build_parser().parse_args(["--out", str(tmp_path), "--seeds", "0"])) == 2
+    assert "--seeds must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_vision_and_llm_start_with_stage_0_instead_of_model(tmp_path, capsys, one_thread):

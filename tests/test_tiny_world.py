@@ -80,7 +80,9 @@ def _view_gap(tower, layer: int) -> float:
 def test_tower_pretraining_trains_only_the_top_blocks_and_makes_the_read_layer_invariant(pretrained):
     tower, start, metrics = pretrained
     blocks = len(tower.encoder.layers)  # 7: stage 0 drops the last; LLaVA reads hidden state 6
-    changed = {name.split(".")[2] for name, tensor in tower.state_dict().items() if not torch.equal(tensor, start[name])}
+    changed = {
+        name.split(".")[2] for name, tensor in tower.state_dict().items() if not torch.equal(tensor, start[name])
+    }
     assert changed == {str(blocks - 3), str(blocks - 2)}  # the two blocks below the feature layer, nothing else
     torch.manual_seed(0)
     random_tower = SiglipVisionModel(siglip_config()).eval()

@@ -281,7 +281,8 @@ def write_ablation_report(layout: Layout, evaluations: list[EvalStep]) -> Path:
 
 def write_seed_report(layouts: dict[int, Layout], evaluations: dict[int, list[EvalStep]], out: Path) -> Path | None:
     """The report per kind of question over every seed's run (None unless the tasks are the tiny ones)."""
-    from ..question_types import SeedRun, write_question_report
+    from ..intervals import document_scores
+    from ..question_types import METRICS, SeedRun, write_question_report
     from ..tiny_data import shipped_documents
 
     first = evaluations[next(iter(layouts))][0].job
@@ -293,6 +294,17 @@ def write_seed_report(layouts: dict[int, Layout], evaluations: dict[int, list[Ev
         directories = {step.run_spec.variant: step.job.output_dir for step in evaluations[seed]}
         probes = layout.tower / PROBES
         runs.append(SeedRun(seed, directories, json.loads(probes.read_text()) if probes.is_file() else None))
+    logged = all(
+        document_scores(directory, task, METRICS[task]) is not None
+        for run in runs
+        for directory in run.evaluations.values()
+        for task in tasks
+    )
+    if not logged:
+        print(
+            "note: no per-document scores in the evaluations' results: no report per kind of question", file=sys.stderr
+        )
+        return None
     kinds = {document["question_id"]: document["kind"] for document in shipped_documents(first.limit)}
     return write_question_report(runs, tasks, kinds, out)
 
