@@ -164,6 +164,7 @@ def run(
     )
     trainer.train()
     trainer.save_model(str(output_dir))
+    trainer.save_state()  # trainer_state.json: the per-step losses and gradient norms
     if not trainer.is_world_process_zero():
         return {}
     # The processor users call the model with: the tokenizer and the recipe's evaluation image transform.
