@@ -34,22 +34,29 @@ def stage_args(tiny: str, data: str, output: str, *extra: str) -> list[str]:
 LORA = ("--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0")
 
 
-def managertower_args(output: str, *extra: str) -> list[str]:
-    """ManagerTower SNLI-VE on its synthetic data: 2 images x 3 hypotheses, all 6 samples in each step's global batch,
-    in order, no dropout, no random augmentation, SGD: the setting in which 2 ranks should match one process."""
+# ManagerTower recipes run on 2 ranks, with their synthetic images: 6 samples each (SNLI-VE 3 hypotheses per image,
+# pre-training 2 captions per image).
+MANAGERTOWER_RECIPES = {"snli_ve": 2, "pretrain": 3}
+
+
+def managertower_args(recipe: str, output: str, *extra: str) -> list[str]:
+    """A ManagerTower recipe on its synthetic data (6 samples, see MANAGERTOWER_RECIPES), all of them in each step's
+    global batch, in order, no dropout, no random augmentation, SGD: the setting in which 2 ranks should match one
+    process. The random draws left (managers' noise, MLM masks, false images, ITM labels) must match too."""
     from manager_plugin.managertower.tiny import TINY_TEXT, build_tokenizer
 
     text = {**TINY_TEXT, "vocab_size": len(build_tokenizer()), "max_position_embeddings": 66,
             "hidden_dropout_prob": 0, "attention_probs_dropout_prob": 0}  # fmt: skip
     settings = {
-        "synthetic.num_images": 2, "training.per_device_train_batch_size": 3, "training.global_batch_size": 6,
+        "synthetic.num_images": MANAGERTOWER_RECIPES[recipe], "training.per_device_train_batch_size": 3,
+        "training.global_batch_size": 6,
         "training.optim": "sgd", "training.learning_rate": 0.1, "training.warmup_steps": 0,
         "training.train_sampling_strategy": "sequential",
         "data.train_transform": "square", "model.config.hidden_dropout_prob": 0,
         "model.config.attention_probs_dropout_prob": 0, "model.config.text_config": json.dumps(text),
     }  # fmt: skip
     sets = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
-    return ["--recipe", "snli_ve", "--output-dir", output, "--synthetic", "--max-steps", "2", *sets, *extra]
+    return ["--recipe", recipe, "--output-dir", output, "--synthetic", "--max-steps", "2", *sets, *extra]
 
 
 def probe_inputs(processor) -> dict:
@@ -95,7 +102,8 @@ def worker(work: str, tiny: str, data: str) -> None:
 
     from training.managertower.cli import main as managertower_main
 
-    managertower_main(managertower_args(f"{work}/managertower-zero2", "--deepspeed", "zero2"))
+    for recipe in MANAGERTOWER_RECIPES:
+        managertower_main(managertower_args(recipe, f"{work}/managertower-{recipe}-zero2", "--deepspeed", "zero2"))
     retrieval_itc_on_rank(work)
 
 
@@ -244,28 +252,31 @@ def test_zero2_and_zero3_on_two_ranks_match_one_process(tiny_dir, data, tmp_path
 
 
 def check_managertower_matches_one_process(work: Path) -> None:
-    """ManagerTower (SNLI-VE head) under ZeRO-2 on 2 ranks x 3 samples matches one process with 2 accumulation steps
-    of 3: the losses of both steps (the managers' training noise included) and the saved weights.
+    """ManagerTower under ZeRO-2 on 2 ranks x 3 samples matches one process with 2 accumulation steps of 3, for the
+    SNLI-VE head (the managers' training noise) and pre-training (also MLM masks, false images, ITM labels): the
+    losses of both steps and the saved weights.
 
-    Before the forward's draws were seeded per micro-batch, rank 1 drew the noise one process draws for its first
-    micro-batch, not for its second: step 1 already differed (loss 1.0993 vs 1.1034). What is left is fp32 summation
-    order (ZeRO-2 averages the two micro-batches' gradients in its reduce-scatter buffers, one process accumulates
-    them in `.grad`): last-bit differences, 1.5e-8 at most in the weights seen; 1e-6 leaves room for other BLAS.
+    Before the draws were tied to the sample (data) and to the micro-batch (forward), rank 1 drew what one process
+    draws for its first micro-batch: step 1 already differed (SNLI-VE loss 1.0993 vs 1.1034, pre-training 6.6932 vs
+    6.6795). What is left is fp32 summation order (ZeRO-2 averages the micro-batches' gradients in its reduce-scatter
+    buffers, one process accumulates them in `.grad`): equal losses and 1.5e-8 at most in the weights seen; the
+    tolerances (1e-6) leave room for other BLAS builds.
     """
-    from manager_plugin.managertower import ManagerTowerForVisualEntailment
+    from manager_plugin.managertower import ManagerTowerHeadModel
     from training.managertower.cli import main as managertower_main
 
-    managertower_main(managertower_args(str(work / "managertower-single")))
-    single, zero2 = work / "managertower-single", work / "managertower-zero2"
-    expected = losses(single)
-    assert len(expected) == 2 and abs(expected[1] - expected[0]) > 0.1  # both steps see all 6 samples: it trained
-    assert losses(zero2) == pytest.approx(expected, rel=1e-6, abs=0)
-    assert (zero2 / "eval_metrics.json").is_file()
-    reference = ManagerTowerForVisualEntailment.from_pretrained(single).state_dict()
-    trained = ManagerTowerForVisualEntailment.from_pretrained(zero2).state_dict()
-    assert set(trained) == set(reference)
-    for key, tensor in reference.items():
-        torch.testing.assert_close(trained[key], tensor, rtol=0, atol=1e-6, msg=f"managertower zero2: {key}")
+    for recipe in MANAGERTOWER_RECIPES:
+        single, zero2 = work / f"managertower-{recipe}-single", work / f"managertower-{recipe}-zero2"
+        managertower_main(managertower_args(recipe, str(single)))
+        expected = losses(single)
+        assert len(expected) == 2 and abs(expected[1] - expected[0]) > 0.1, recipe  # the same 6 samples: it trained
+        assert losses(zero2) == pytest.approx(expected, rel=1e-6, abs=0), recipe
+        assert (zero2 / "eval_metrics.json").is_file()
+        reference = ManagerTowerHeadModel.from_pretrained(single).state_dict()
+        trained = ManagerTowerHeadModel.from_pretrained(zero2).state_dict()
+        assert set(trained) == set(reference)
+        for key, tensor in reference.items():
+            torch.testing.assert_close(trained[key], tensor, rtol=0, atol=1e-6, msg=f"{recipe} zero2: {key}")
 
 
 def itc_row_losses(model, batch: dict) -> torch.Tensor:

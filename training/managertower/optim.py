@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 
 def parameter_groups(
@@ -46,6 +46,17 @@ def micro_batch_seed(seed: int, step: int, micro_step: int, accumulation: int, r
     return seed * 2**32 + (step * accumulation + micro_step) * world_size + rank
 
 
+class _EpochToDataset(TrainerCallback):
+    """Tells the training dataset each epoch as it begins, so its per-sample draws are new every epoch (accelerate's
+    loader forwards `set_epoch` to the dataset only when its sampler has none)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs) -> None:
+        self.dataset.set_epoch(int(state.epoch or 0))
+
+
 class ManagerTowerTrainer(Trainer):
     """HF `Trainer` whose optimiser applies the recipe's learning-rate multipliers (works under DeepSpeed too), and
     whose forward passes draw their noise from a generator seeded per micro-batch (`micro_batch_seed`).
@@ -61,6 +72,8 @@ class ManagerTowerTrainer(Trainer):
         self.lr_multipliers = dict(lr_multipliers)
         self.no_decay = list(no_decay)
         self._seeded_step, self._micro_step = -1, 0
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.add_callback(_EpochToDataset(self.train_dataset))
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """One micro-batch's forward and backward under its own seed; the process's generators are left as they were."""
