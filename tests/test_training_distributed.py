@@ -104,6 +104,7 @@ def worker(work: str, tiny: str, data: str) -> None:
 
     for recipe in MANAGERTOWER_RECIPES:
         managertower_main(managertower_args(recipe, f"{work}/managertower-{recipe}-zero2", "--deepspeed", "zero2"))
+        AcceleratorState._reset_state()
     retrieval_itc_on_rank(work)
 
 
