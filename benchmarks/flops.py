@@ -1,4 +1,4 @@
-"""Analytic FLOPs of one LLaVA-OneVision forward and training step, with and without the manager.
+"""Analytic FLOPs of one LLaVA-family forward and training step, with and without the manager.
 
 Convention (that of MFU and of `torch.utils.flop_counter`): a multiply-add is 2 FLOPs; every matmul, the patch
 convolution and both attention products count, attention over the full `S x S` (as SDPA computes it, causal or
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from transformers import LlavaOnevisionConfig
+from transformers import PretrainedConfig
 
 from manager_plugin import ManagerConfig
 
@@ -34,27 +34,33 @@ class Workload:
         return asdict(self)
 
 
-def crop_tokens(config: LlavaOnevisionConfig) -> int:
-    """Visual tokens one crop yields (the projector's rows per crop)."""
+def tower_positions(config: PretrainedConfig) -> int:
+    """Positions the vision tower runs on per crop: its patches, and CLIP's class token."""
     vision = config.vision_config
-    tokens = (vision.image_size // vision.patch_size) ** 2
+    return (vision.image_size // vision.patch_size) ** 2 + (1 if vision.model_type == "clip_vision_model" else 0)
+
+
+def crop_tokens(config: PretrainedConfig) -> int:
+    """Visual tokens one crop yields (the projector's rows per crop): `default` drops the tower's first position."""
+    tokens = tower_positions(config)
     return tokens - 1 if config.vision_feature_select_strategy == "default" else tokens
 
 
-def projector_flops_per_token(config: LlavaOnevisionConfig) -> int:
+def projector_flops_per_token(config: PretrainedConfig) -> int:
     """One pass of the 2-layer MLP projector over one token."""
     vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
     return 2 * (vision * text + text * text)
 
 
 def forward_flops(
-    config: LlavaOnevisionConfig, work: Workload, manager: ManagerConfig | None, logits_tokens: int
+    config: PretrainedConfig, work: Workload, manager: ManagerConfig | None, logits_tokens: int
 ) -> dict[str, int]:
     """Forward FLOPs by component; `logits_tokens` is how many positions the LM head scores (all, or 1 per sample)."""
     vision, text = config.vision_config, config.text_config
     patches = (vision.image_size // vision.patch_size) ** 2
+    positions = tower_positions(config)
     dv, iv = vision.hidden_size, vision.intermediate_size
-    vision_layer = 8 * patches * dv * dv + 4 * patches * dv * iv + 4 * patches * patches * dv
+    vision_layer = 8 * positions * dv * dv + 4 * positions * dv * iv + 4 * positions * positions * dv
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     d, s = text.hidden_size, work.seq_len
     q_width, kv_width = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
