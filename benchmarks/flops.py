@@ -6,7 +6,8 @@ not); norms, activations, softmax, rotary and biases do not. The manager's own e
 add, weighted sums, the add into the stream) is counted separately, because it is part of its floor.
 
 A training step (everything trainable) costs 3x the forward, except the patch convolution: its input is the pixels,
-which need no gradient, so 2x.
+which need no gradient, so 2x; and the vision blocks above the highest layer read (LLaVA-1.5 and NeXT read the
+second-to-last one), which run but receive no gradient, so 1x.
 """
 
 from __future__ import annotations
@@ -72,9 +73,13 @@ def forward_flops(
         + 6 * s * d * text.intermediate_size  # gate, up, down
     )
     projected_rows = work.crops * crop_tokens(config)
+    # Hidden state h is the output of block h; a negative main feature layer counts from the last hidden state.
+    main_layer = config.vision_feature_layer % (vision.num_hidden_layers + 1)
+    highest_read = max([main_layer, *(manager.vision_layers if manager is not None else [])])
     flops = {
         "vision_patch_embedding": work.crops * 2 * patches * 3 * vision.patch_size**2 * dv,
-        "vision_blocks": work.crops * vision.num_hidden_layers * vision_layer,
+        "vision_blocks": work.crops * highest_read * vision_layer,
+        "vision_blocks_unread": work.crops * (vision.num_hidden_layers - highest_read) * vision_layer,
         "projector": projected_rows * projector_flops_per_token(config),
         "language_model": work.batch_size * text.num_hidden_layers * text_layer,
         "lm_head": 2 * logits_tokens * d * text.vocab_size,
@@ -96,7 +101,8 @@ def forward_flops(
 
 def training_flops(forward: dict[str, int]) -> dict[str, int]:
     """A training step's FLOPs by component (forward + backward), from the forward's."""
-    return {name: (2 if name == "vision_patch_embedding" else 3) * value for name, value in forward.items()}
+    factor = {"vision_patch_embedding": 2, "vision_blocks_unread": 1}
+    return {name: factor.get(name, 3) * value for name, value in forward.items()}
 
 
 def matmul_total(flops: dict[str, int]) -> int:
