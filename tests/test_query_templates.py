@@ -70,7 +70,10 @@ IMAGE, TEXT = {"type": "image"}, "text"
 
 
 def user(*parts) -> dict:
-    return {"role": "user", "content": [part if isinstance(part, dict) else {"type": TEXT, TEXT: part} for part in parts]}
+    return {
+        "role": "user",
+        "content": [part if isinstance(part, dict) else {"type": TEXT, TEXT: part} for part in parts],
+    }
 
 
 def assistant(text: str) -> dict:
@@ -104,9 +107,7 @@ def tokenizer():
 
 def rendered(tokenizer, template: str, conversation: str) -> tuple[str, dict]:
     messages, prompt = CONVERSATIONS[conversation]
-    text = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
-    )
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=prompt)
     return text, tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
 
 
