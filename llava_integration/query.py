@@ -156,11 +156,11 @@ def instruction_query_mask(
     """A bool mask, shaped like `input_ids` ((T,) or (B, T)), over the instruction of the user turn holding the images.
 
     That is the text of the user turn of `chat_template` (the one the prompts were rendered with; default: the
-    tokenizer's) from its opening before the first image token to its closing after the last one
-    (`user_turn_markers`), without the image and video tokens and blank tokens; ChatML, Vicuna (`USER: ... ASSISTANT:`),
-    Mistral `[INST]` and Llama-3 headers alike. Samples without an image, or without a user turn around it (the `plain`
-    stage-1 prompt, whose only text is the caption being learnt), and every sample when there is no chat template or
-    its user turns leave no mark, get an empty mask: the manager then uses the visual tokens themselves as their query.
+    tokenizer's) that holds the first image token, from its opening to its closing (`user_turn_markers`), without the
+    image and video tokens and blank tokens: ChatML, Vicuna (`USER: ... ASSISTANT:`), Mistral `[INST]` and Llama-3
+    headers alike. Samples without an image, or without a user turn around it (the `plain` stage-1 prompt, whose only
+    text is the caption being learnt), and every sample when there is no chat template or its user turns leave no
+    mark, get an empty mask: the manager then uses the visual tokens themselves as their query.
     """
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     turn = user_turn_markers(tokenizer, chat_template)
@@ -168,10 +168,14 @@ def instruction_query_mask(
         return torch.zeros_like(input_ids, dtype=torch.bool)
     length = ids.shape[1]
     positions = torch.arange(length, device=ids.device)
-    image = ids == tokenizer.convert_tokens_to_ids(_image_token(tokenizer))
+    image_token = _image_token(tokenizer)
+    video_token = getattr(tokenizer, "video_token", None) or "<video>"
+    vocabulary = tokenizer.get_vocab()
+    media = [vocabulary[token] for token in (image_token, video_token) if token in vocabulary]
+    image = ids == tokenizer.convert_tokens_to_ids(image_token)
     first_image = torch.where(image, positions, length).amin(dim=1, keepdim=True)
-    last_image = torch.where(image, positions, -1).amax(dim=1, keepdim=True)
-    # The opening nearest before the first image (its end), and the closing nearest after the last one.
+    has_image = image.any(dim=1, keepdim=True)
+    # The opening nearest before the first image (its end), and the closing nearest after it.
     turn_start = torch.full_like(first_image, -1)
     for pattern in turn.starts:
         after = positions + len(pattern)  # the first position after an opening found at `positions`
@@ -179,14 +183,12 @@ def instruction_query_mask(
         turn_start = torch.maximum(turn_start, torch.where(opened, after, -1).amax(dim=1, keepdim=True))
     turn_end = torch.full_like(first_image, length)
     for pattern in turn.ends:
-        closed = _matches(ids, pattern) & (positions > last_image)
+        closed = _matches(ids, pattern) & (positions > first_image)
         turn_end = torch.minimum(turn_end, torch.where(closed, positions, length).amin(dim=1, keepdim=True))
 
-    media = [i for i in {tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>")} if i is not None]
-    mask = (positions >= turn_start) & (positions < turn_end) & (turn_start >= 0) & (last_image >= 0)
-    mask &= (
-        ~image & ~torch.isin(ids, torch.tensor(media, device=ids.device)) & ~torch.isin(ids, _blank_ids(ids, tokenizer))
-    )
+    mask = (positions >= turn_start) & (positions < turn_end) & (turn_start >= 0) & has_image
+    mask &= ~torch.isin(ids, torch.tensor(media, dtype=ids.dtype, device=ids.device))
+    mask &= ~torch.isin(ids, _blank_ids(ids, tokenizer))
     if attention_mask is not None:
         mask &= attention_mask.view_as(ids).bool()
     return mask if input_ids.dim() == 2 else mask[0]

@@ -90,6 +90,10 @@ CONVERSATIONS = {  # (messages, add_generation_prompt)
         [user("Describe the image."), assistant("a shape"), user(IMAGE, ASKED), assistant("blue")],
         False,
     ),
+    "images in two user turns: the first one's": (
+        [user(IMAGE, ASKED), assistant("red"), user(IMAGE, "Where is the shape?"), assistant("left")],
+        False,
+    ),
     "the image in the second turn, asking": (
         [user("How many shapes are there?"), assistant("one"), user(IMAGE, ASKED)],
         True,
