@@ -2,7 +2,7 @@
 
 For every hidden state (0 = the patch embeddings, the last = what LLaVA-OneVision reads) and every kind of question,
 a multinomial logistic regression is fitted on the concatenated patch tokens of training scenes and scored on
-held-out scenes. Probe scenes are the tower's view without the grid (see `training.stage0.tower_pixels`), drawn from
+held-out scenes. Probe scenes are the tower's view without the grid (see `training.tower_pretraining.tower_pixels`), drawn from
 their own seeds, disjoint from the tower's pretraining scenes and from the evaluated documents.
 """
 
