@@ -77,12 +77,15 @@ def project_rows(
     select_strategy: str,
     rows: torch.Tensor,
 ) -> torch.Tensor:
-    """The crop tokens `rows` (of `(num_crops * T)`) of the selected layers through the projector, one layer at a time
-    (the projector acts per token, so this equals selecting after projecting): `(len(rows), N, D)`."""
-    selected = None
+    """The crop tokens `rows` (a host tensor, of `(num_crops * T)`) of the selected layers through the projector, one
+    layer at a time (the projector acts per token, so this equals selecting after projecting): `(len(rows), N, D)`."""
+    selected, device_rows = None, None
     for n, hidden in enumerate(_selected(hidden_states, layers, select_strategy)):
-        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device, non_blocking=True))
-        projected = projector(flat)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if device_rows is None:  # every row in order (square images, LLaVA-1.5): no gather (`rows` is on the host)
+            every = rows.numel() == flat.shape[0] and bool((rows == torch.arange(rows.numel())).all())
+            device_rows = False if every else rows.to(hidden.device, non_blocking=True)
+        projected = projector(flat if device_rows is False else flat.index_select(0, device_rows))
         if selected is None:
             selected = projected.new_empty((rows.numel(), len(layers), projected.shape[-1]))
         selected[:, n] = projected
@@ -90,7 +93,12 @@ def project_rows(
 
 
 def pack_like_main_feature(
-    model: nn.Module, experts: torch.Tensor, image_sizes: torch.Tensor, crops: list[int], pack: Packing | None
+    model: nn.Module,
+    experts: torch.Tensor,
+    image_sizes: torch.Tensor,
+    crops: list[int],
+    pack: Packing | None,
+    packing: tuple[torch.Tensor | None, list[int]] | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Pack `(num_crops, T, N, D)` per-layer features exactly as HF packs the main feature with `pack`.
 
@@ -98,12 +106,12 @@ def pack_like_main_feature(
     tokens. All of these act on each channel alone, so the N layers fold into the channel axis and go through that
     same public method; every layer's newline token is the model's `image_newline`. Without `pack` (LLaVA-1.5,
     square images) each crop's tokens are the image's, with no newline token. Returns `(num_visual_tokens, N, D)`
-    and the tokens per image.
+    and the tokens per image. `packing` is `packed_rows`' answer for these shapes when the caller has it.
     """
     num_crops, tokens, layers, hidden = experts.shape
     if pack is None:
         return experts.reshape(num_crops * tokens, layers, hidden), [tokens] * num_crops
-    rows, lengths = packed_rows(image_sizes, crops, tokens, pack)
+    rows, lengths = packed_rows(image_sizes, crops, tokens, pack) if packing is None else packing
     if rows is not None:
         # Packing only selected and reordered tokens: one gather of the N-layer features instead of HF's four
         # copies of them (stitch, newline, base view, images), then the newline rows.
@@ -159,11 +167,11 @@ def video_features(
     return experts.reshape(-1, *experts.shape[2:]), [experts.shape[1]] * num_videos
 
 
-def grid_selection(lengths: list[int], base_tokens: int, grid_type: str, device: torch.device) -> torch.Tensor | None:
-    """Which packed tokens the manager serves: all, the base view's (`main`), or the rest (`grid`)."""
+def grid_selection(lengths: list[int], base_tokens: int, grid_type: str) -> torch.Tensor | None:
+    """Which packed tokens the manager serves, as a host mask: all (None), the base view's (`main`), or the rest
+    (`grid`). Computed from the host's token counts: no device work, no sync."""
     if grid_type == "all":
         return None
-    lengths_t = torch.tensor(lengths, device=device)
-    starts = torch.cumsum(lengths_t, 0) - lengths_t
-    offset = torch.arange(int(lengths_t.sum()), device=device) - torch.repeat_interleave(starts, lengths_t)
+    lengths_t = torch.tensor(lengths)
+    offset = torch.arange(sum(lengths)) - torch.repeat_interleave(torch.cumsum(lengths_t, 0) - lengths_t, lengths_t)
     return offset < base_tokens if grid_type == "main" else offset >= base_tokens

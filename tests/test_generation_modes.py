@@ -183,10 +183,10 @@ def test_manager_features_are_freed_after_the_prefill(tiny_model, tiny_processor
     issued, alive = [], []
     issue = runtime._issue
 
-    def watched_issue(modality, output, features, lengths):  # static: a delta per layer; adaptive: the N layers
+    def watched_issue(modality, output, features, *placement):  # static: a delta per layer; adaptive: the N layers
         tensors = features.values() if isinstance(features, dict) else [features]
         issued.extend(weakref.ref(tensor) for tensor in tensors)
-        return issue(modality, output, features, lengths)
+        return issue(modality, output, features, *placement)
 
     def at_decode_steps(module, args, kwargs):
         if kwargs.get("mm_encoder_outputs") is None and kwargs.get("pixel_values") is None:
