@@ -70,26 +70,44 @@ def project_layers(
     return projector(stack_layers(hidden_states, layers, select_strategy))
 
 
-def project_rows(
+def project_packed(
     projector: nn.Module,
     hidden_states: tuple[torch.Tensor | None, ...],
     layers: list[int],
     select_strategy: str,
     rows: torch.Tensor,
+    offsets: torch.Tensor,
+    newline: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The crop tokens `rows` (a host tensor, of `(num_crops * T)`) of the selected layers through the projector, one
-    layer at a time (the projector acts per token, so this equals selecting after projecting): `(len(rows), N, D)`."""
-    selected, device_rows = None, None
+    """Per-layer features in packed order, `(len(rows), N, D)`: at each crop token `rows[i]` (a host tensor, of
+    `(num_crops * T)`) the selected layer n through the projector plus `offsets[n]` (the layer embedding), at each -1
+    (a newline token) `newline` in every layer.
+
+    The projector acts per token, so projecting only the kept rows equals packing after projecting. Layer by layer,
+    each layer written once into a layer-major `(N, V, D)` buffer that is returned transposed: every layer a contiguous
+    `(V, D)` slab, which is how the managers read it.
+    """
+    is_newline = rows < 0  # host tensors: no device sync
+    kept = rows[~is_newline]
+    placed = (~is_newline).nonzero().squeeze(1) if bool(is_newline.any()) else None
+    out, kept_on_device, placed_on_device = None, None, None
     for n, hidden in enumerate(_selected(hidden_states, layers, select_strategy)):
         flat = hidden.reshape(-1, hidden.shape[-1])
-        if device_rows is None:  # every row in order (square images, LLaVA-1.5): no gather (`rows` is on the host)
-            every = rows.numel() == flat.shape[0] and bool((rows == torch.arange(rows.numel())).all())
-            device_rows = False if every else rows.to(hidden.device, non_blocking=True)
-        projected = projector(flat if device_rows is False else flat.index_select(0, device_rows))
-        if selected is None:
-            selected = projected.new_empty((rows.numel(), len(layers), projected.shape[-1]))
-        selected[:, n] = projected
-    return selected
+        if out is None:
+            every = kept.numel() == flat.shape[0] and bool((kept == torch.arange(kept.numel())).all())
+            kept_on_device = None if every else kept.to(flat.device, non_blocking=True)  # None: all rows, in order
+        projected = projector(flat if kept_on_device is None else flat.index_select(0, kept_on_device))
+        if out is None:
+            out = projected.new_empty((len(layers), rows.numel(), projected.shape[-1]))
+            if placed is not None:
+                placed_on_device = placed.to(out.device, non_blocking=True)
+                out[:, is_newline.nonzero().squeeze(1).to(out.device, non_blocking=True)] = newline.to(out.dtype)
+        layer = projected + offsets[n].to(projected.dtype)
+        if placed_on_device is None:
+            out[n].copy_(layer)
+        else:
+            out[n].index_copy_(0, placed_on_device, layer)
+    return out.transpose(0, 1)
 
 
 def pack_like_main_feature(

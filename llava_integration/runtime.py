@@ -39,7 +39,7 @@ from .features import (
     pack_like_main_feature,
     packed_rows,
     project_layers,
-    project_rows,
+    project_packed,
     stack_layers,
     video_features,
 )
@@ -449,8 +449,14 @@ class ManagerRuntime:
             rows, lengths = self._packing(sizes, crops, tokens, pack, strategy, aspect)
         managed = grid_selection(lengths, tokens, config.grid_type)
         if rows is not None:  # packing only selects crop tokens: project the served ones only, one layer at a time
-            experts = self._packed_experts(
-                projector, hidden_states, strategy, rows if managed is None else rows[managed]
+            experts = project_packed(
+                projector,
+                hidden_states,
+                config.vision_layers,
+                strategy,
+                rows if managed is None else rows[managed],
+                self.managers.layer_embedding.weight,  # the layer embedding, added layer by layer
+                getattr(self.model, "image_newline", None),  # LLaVA-1.5 and square images have no newline token
             )
         else:  # some image downsampled (packing mixes tokens): project every token, pack, keep the served tokens
             projected = project_layers(projector, hidden_states, config.vision_layers, strategy)
@@ -481,24 +487,6 @@ class ManagerRuntime:
         if len(self._packings) > _PACKINGS_KEPT:
             del self._packings[next(iter(self._packings))]
         return packing
-
-    def _packed_experts(
-        self, projector: nn.Module, hidden_states: tuple, strategy: str, rows: torch.Tensor
-    ) -> torch.Tensor:
-        """`(V, N, D)` in packed order from the crop tokens packing keeps (`rows`, -1 for a newline token)."""
-        newline = rows < 0  # host tensors: no device sync
-        kept = self.managers.layer_embedding(
-            project_rows(projector, hidden_states, self.managers.config.vision_layers, strategy, rows[~newline])
-        )
-        if not bool(newline.any()):  # LLaVA-1.5 and square images have no newline token (nor image_newline)
-            return kept
-        experts = kept.new_empty((rows.numel(), *kept.shape[1:]))
-        # Index tensors made on the host: a boolean mask on the device would sync to count its entries.
-        experts[(~newline).nonzero().squeeze(1).to(kept.device, non_blocking=True)] = kept
-        experts[newline.nonzero().squeeze(1).to(kept.device, non_blocking=True)] = self.model.image_newline.to(
-            kept.dtype
-        )
-        return experts
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
         """HF's `get_placeholder_mask`; the masks of the features given are kept for the injection hooks."""

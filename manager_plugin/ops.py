@@ -18,6 +18,19 @@ def weighted_layer_sum(experts: torch.Tensor, weights: torch.Tensor) -> torch.Te
     return (experts * weights).sum(dim=-2)
 
 
+def accumulated_layer_sum(experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`sum_n weights[n] * experts[..., n, :]` for `(N, D)` weights, accumulated layer by layer (inference).
+
+    No `(..., N, D)` product is materialised: one read of the experts, the `(..., D)` sum staying in cache. 3x faster
+    than the product then sum at 3,699 tokens x 13 layers x 224 channels on one CPU thread (benchmarks/NOTES.md).
+    """
+    weights = weights.to(experts.dtype)
+    total = experts[..., 0, :] * weights[0]
+    for n in range(1, experts.shape[-2]):
+        total.addcmul_(experts[..., n, :], weights[n])  # in place: mul's backward needs its inputs, not its output
+    return total
+
+
 def multiplicative_jitter(x: torch.Tensor, epsilon: float) -> torch.Tensor:
     """`x` times elementwise noise drawn from U(1 - epsilon, 1 + epsilon), with mean 1 whatever `x`'s dtype."""
     if epsilon == 0:
