@@ -448,13 +448,20 @@ class ManagerRuntime:
         else:
             rows, lengths = self._packing(sizes, crops, tokens, pack, strategy, aspect)
         managed = grid_selection(lengths, tokens, config.grid_type)
-        if rows is not None:  # packing only selects crop tokens: project the served ones only, one layer at a time
+        if rows is not None:  # packing only selects crop tokens: the served ones
+            served = rows if managed is None else rows[managed]
+        elif config.grid_type == "main":  # base views are never downsampled: each image's first crop, in order
+            starts = torch.tensor([0, *crops[:-1]]).cumsum(0) * tokens
+            served = (starts[:, None] + torch.arange(tokens)).reshape(-1)
+        else:
+            served = None
+        if served is not None:  # project the served crop tokens only, one layer at a time
             experts = project_packed(
                 projector,
                 hidden_states,
                 config.vision_layers,
                 strategy,
-                rows if managed is None else rows[managed],
+                served,
                 self.managers.layer_embedding.weight,  # the layer embedding, added layer by layer
                 getattr(self.model, "image_newline", None),  # LLaVA-1.5 and square images have no newline token
             )
