@@ -2,9 +2,9 @@
 
     python -m benchmarks.prefill --size small384 --rounds 11 --out benchmarks/results
 
-Baseline, +Manager, +Grid and +Grid+Manager run in turn every round (the order rotating), on the same weights and
-batches; each manager variant's ratio is taken per round against the variant without it, and summarised by the
-median. No training step, decode or memory measurement: the full benchmark (`python -m benchmarks`) has those.
+Each manager variant and the variant without it (+Manager and Baseline, +Grid+Manager and +Grid) run back to back
+every round, the order alternating, on the same weights and batches; the ratio is taken per round and summarised by
+the median (back to back, a change in the machine's load between the two runs of a round is least likely). No training step, decode or memory measurement: the full benchmark (`python -m benchmarks`) has those.
 Writes `<out>/<size>-prefill-<device>.{json,md}` and prints the table.
 """
 
@@ -78,13 +78,16 @@ def run(args: argparse.Namespace) -> dict:
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         batches[aspect] = batch
     counts = _counts(config, resolve_manager_config(config, manager), models, variants, workloads)
-    subjects = [Subject(v, models[v.manager], None, batches[v.aspect], None) for v in variants]
+    subjects = {v.name: Subject(v, models[v.manager], None, batches[v.aspect], None) for v in variants}
     machine = describe(device)
     sync = synchronizer(device)
-    for _ in range(args.warmup):
-        for subject in subjects:
-            prefill(subject)
-    timings = interleaved(subjects, args.rounds, lambda subject: timed_prefill(subject, sync), "prefill")
+    timings = {}
+    for variant, base in MANAGER_PAIRS.items():
+        pair = [subjects[base], subjects[variant]]
+        for _ in range(args.warmup):
+            for subject in pair:
+                prefill(subject)
+        timings |= interleaved(pair, args.rounds, lambda subject: timed_prefill(subject, sync), f"prefill {variant}")
     machine["load_average_after"] = describe(device)["load_average_1_5_15"]
     return {
         "size": args.size,
