@@ -5,7 +5,7 @@ the language model receives.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -70,6 +70,55 @@ def project_layers(
     return projector(stack_layers(hidden_states, layers, select_strategy))
 
 
+def packed_layers(
+    projector: nn.Module,
+    hidden_states: tuple[torch.Tensor | None, ...],
+    layers: list[int],
+    select_strategy: str,
+    rows: torch.Tensor,
+    offsets: torch.Tensor,
+    newline: torch.Tensor | None,
+    buffer: torch.Tensor | None = None,
+) -> Iterator[torch.Tensor]:
+    """Each selected layer's features in packed order, `(len(rows), D)`, one layer at a time: at each crop token
+    `rows[i]` (a host tensor, of `(num_crops * T)`) layer n through the projector plus `offsets[n]` (the layer
+    embedding), at each -1 (a newline token) `newline`.
+
+    The projector acts per token, so projecting only the kept rows equals packing after projecting. Layer n is written
+    into `buffer[n]` when a `(N, len(rows), D)` buffer is given; otherwise it is the projector's rows themselves when
+    packing keeps them in order, else one scratch `(len(rows), D)` reused by every layer (read each layer before
+    asking for the next; not for autograd).
+    """
+    is_newline = rows < 0  # host tensors: no device sync
+    kept = rows[~is_newline]
+    placed = (~is_newline).nonzero().squeeze(1) if bool(is_newline.any()) else None
+    newlines = is_newline.nonzero().squeeze(1)
+    kept_on_device, placed_on_device, scratch = None, None, None
+    for n, hidden in enumerate(_selected(hidden_states, layers, select_strategy)):
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if n == 0:
+            every = kept.numel() == flat.shape[0] and bool((kept == torch.arange(kept.numel())).all())
+            kept_on_device = None if every else kept.to(flat.device, non_blocking=True)  # None: all rows, in order
+            if placed is not None:
+                placed_on_device = placed.to(flat.device, non_blocking=True)
+                newlines = newlines.to(flat.device, non_blocking=True)
+        projected = projector(flat if kept_on_device is None else flat.index_select(0, kept_on_device))
+        layer = projected + offsets[n].to(projected.dtype)
+        if buffer is None and placed is None:
+            yield layer
+            continue
+        target = buffer[n] if buffer is not None else scratch
+        if target is None:
+            target = scratch = layer.new_empty((rows.numel(), layer.shape[-1]))
+        if placed is None:
+            target.copy_(layer)
+        else:
+            if target is not scratch or n == 0:  # a fresh layer of the buffer, or the scratch's first use
+                target[newlines] = newline.to(target.dtype)
+            target.index_copy_(0, placed_on_device, layer)
+        yield target
+
+
 def project_packed(
     projector: nn.Module,
     hidden_states: tuple[torch.Tensor | None, ...],
@@ -79,35 +128,13 @@ def project_packed(
     offsets: torch.Tensor,
     newline: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Per-layer features in packed order, `(len(rows), N, D)`: at each crop token `rows[i]` (a host tensor, of
-    `(num_crops * T)`) the selected layer n through the projector plus `offsets[n]` (the layer embedding), at each -1
-    (a newline token) `newline` in every layer.
-
-    The projector acts per token, so projecting only the kept rows equals packing after projecting. Layer by layer,
-    each layer written once into a layer-major `(N, V, D)` buffer that is returned transposed: every layer a contiguous
-    `(V, D)` slab, which is how the managers read it.
-    """
-    is_newline = rows < 0  # host tensors: no device sync
-    kept = rows[~is_newline]
-    placed = (~is_newline).nonzero().squeeze(1) if bool(is_newline.any()) else None
-    out, kept_on_device, placed_on_device = None, None, None
-    for n, hidden in enumerate(_selected(hidden_states, layers, select_strategy)):
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        if out is None:
-            every = kept.numel() == flat.shape[0] and bool((kept == torch.arange(kept.numel())).all())
-            kept_on_device = None if every else kept.to(flat.device, non_blocking=True)  # None: all rows, in order
-        projected = projector(flat if kept_on_device is None else flat.index_select(0, kept_on_device))
-        if out is None:
-            out = projected.new_empty((len(layers), rows.numel(), projected.shape[-1]))
-            if placed is not None:
-                placed_on_device = placed.to(out.device, non_blocking=True)
-                out[:, is_newline.nonzero().squeeze(1).to(out.device, non_blocking=True)] = newline.to(out.dtype)
-        layer = projected + offsets[n].to(projected.dtype)
-        if placed_on_device is None:
-            out[n].copy_(layer)
-        else:
-            out[n].index_copy_(0, placed_on_device, layer)
-    return out.transpose(0, 1)
+    """`packed_layers` stacked, `(len(rows), N, D)`: a layer-major `(N, V, D)` buffer, each layer written once and
+    contiguous (how the managers read it), returned transposed."""
+    first = hidden_states[layers[0]]
+    buffer = first.new_empty((len(layers), rows.numel(), offsets.shape[-1]))
+    for _ in packed_layers(projector, hidden_states, layers, select_strategy, rows, offsets, newline, buffer):
+        pass
+    return buffer.transpose(0, 1)
 
 
 def pack_like_main_feature(

@@ -37,6 +37,7 @@ from .features import (
     base_views,
     grid_selection,
     pack_like_main_feature,
+    packed_layers,
     packed_rows,
     project_layers,
     project_packed,
@@ -356,7 +357,7 @@ class ManagerRuntime:
         self,
         modality: str,
         outputs,
-        experts: torch.Tensor,
+        experts: _Features,
         lengths: list[int],
         feature_layer: int | list[int],
         caller_wants_hidden_states: bool,
@@ -381,9 +382,10 @@ class ManagerRuntime:
             return ImageFeaturesWithManager(**outputs)
         return self._issue(modality, ImageFeaturesWithManager(**outputs), features, lengths, managed)
 
-    def _prepare(self, experts: torch.Tensor) -> _Features:
-        """Static managers add what does not depend on the stream: every injection layer's delta, computed now."""
-        if self.managers.needs_state:
+    def _prepare(self, experts: _Features) -> _Features:
+        """Static managers add what does not depend on the stream: every injection layer's delta, computed now (or
+        already, layer by layer, by `_manager_features`)."""
+        if self.managers.needs_state or isinstance(experts, dict):
             return experts
         return {layer: self.managers(layer, experts) for layer in self.managers.config.injection_layers}
 
@@ -429,9 +431,10 @@ class ManagerRuntime:
         batch_num_images: torch.Tensor | None,
         strategy: str,
         aspect: str | None,
-    ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
-        """`(V_served, N, D)` features of the image tokens the manager serves, the tokens per image, and which visual
-        tokens those are (a host mask over all of them; None: every one)."""
+    ) -> tuple[_Features, list[int], torch.Tensor | None]:
+        """`(V_served, N, D)` features of the image tokens the manager serves (static managers at inference: each
+        injection layer's `(V_served, D)` delta), the tokens per image, and which visual tokens those are (a host mask
+        over all of them; None: every one)."""
         config = self.managers.config
         projector = self.family.part(self.model, "projector")
         family = self.family
@@ -455,6 +458,12 @@ class ManagerRuntime:
             served = (starts[:, None] + torch.arange(tokens)).reshape(-1)
         else:
             served = None
+        newline = getattr(self.model, "image_newline", None)  # LLaVA-1.5 and square images have no newline token
+        embedding = self.managers.layer_embedding.weight  # added layer by layer
+        if served is not None and not (self.managers.needs_state or self.managers.training):
+            # Static managers at inference: every injection layer's delta summed layer by layer, no (V, N, D) stack.
+            layers = packed_layers(projector, hidden_states, config.vision_layers, strategy, served, embedding, newline)
+            return self.managers.static_deltas(layers), lengths, managed
         if served is not None:  # project the served crop tokens only, one layer at a time
             experts = project_packed(
                 projector,
@@ -462,8 +471,8 @@ class ManagerRuntime:
                 config.vision_layers,
                 strategy,
                 served,
-                self.managers.layer_embedding.weight,  # the layer embedding, added layer by layer
-                getattr(self.model, "image_newline", None),  # LLaVA-1.5 and square images have no newline token
+                embedding,
+                newline,
             )
         else:  # some image downsampled (packing mixes tokens): project every token, pack, keep the served tokens
             projected = project_layers(projector, hidden_states, config.vision_layers, strategy)
