@@ -78,14 +78,15 @@ def packed_layers(
     rows: torch.Tensor,
     offsets: torch.Tensor,
     newline: torch.Tensor | None,
-    buffer: torch.Tensor | None = None,
+    stacked: list[torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Each selected layer's features in packed order, `(len(rows), D)`, one layer at a time: at each crop token
     `rows[i]` (a host tensor, of `(num_crops * T)`) layer n through the projector plus `offsets[n]` (the layer
     embedding), at each -1 (a newline token) `newline`.
 
-    The projector acts per token, so projecting only the kept rows equals packing after projecting. Layer n is written
-    into `buffer[n]` when a `(N, len(rows), D)` buffer is given; otherwise it is the projector's rows themselves when
+    The projector acts per token, so projecting only the kept rows equals packing after projecting. Given a list
+    `stacked`, layer n is written into slab n of a layer-major `(N, len(rows), D)` buffer appended to it (made like
+    the first projected layer: its dtype, its device). Otherwise layer n is the projector's rows themselves when
     packing keeps them in order, else one scratch `(len(rows), D)` reused by every layer (read each layer before
     asking for the next; not for autograd).
     """
@@ -104,10 +105,12 @@ def packed_layers(
                 newlines = newlines.to(flat.device, non_blocking=True)
         projected = projector(flat if kept_on_device is None else flat.index_select(0, kept_on_device))
         layer = projected + offsets[n].to(projected.dtype)
-        if buffer is None and placed is None:
+        if stacked is None and placed is None:
             yield layer
             continue
-        target = buffer[n] if buffer is not None else scratch
+        if stacked is not None and not stacked:
+            stacked.append(layer.new_empty((len(layers), rows.numel(), layer.shape[-1])))
+        target = stacked[0][n] if stacked is not None else scratch
         if target is None:
             target = scratch = layer.new_empty((rows.numel(), layer.shape[-1]))
         if placed is None:
@@ -130,11 +133,10 @@ def project_packed(
 ) -> torch.Tensor:
     """`packed_layers` stacked, `(len(rows), N, D)`: a layer-major `(N, V, D)` buffer, each layer written once and
     contiguous (how the managers read it), returned transposed."""
-    first = hidden_states[layers[0]]
-    buffer = first.new_empty((len(layers), rows.numel(), offsets.shape[-1]))
-    for _ in packed_layers(projector, hidden_states, layers, select_strategy, rows, offsets, newline, buffer):
+    stacked = []
+    for _ in packed_layers(projector, hidden_states, layers, select_strategy, rows, offsets, newline, stacked):
         pass
-    return buffer.transpose(0, 1)
+    return stacked[0].transpose(0, 1)
 
 
 def pack_like_main_feature(

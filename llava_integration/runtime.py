@@ -460,7 +460,7 @@ class ManagerRuntime:
             served = None
         newline = getattr(self.model, "image_newline", None)  # LLaVA-1.5 and square images have no newline token
         embedding = self.managers.layer_embedding.weight  # added layer by layer
-        if served is not None and not (self.managers.needs_state or self.managers.training):
+        if served is not None and self.managers.sums_layer_by_layer:
             # Static managers at inference: every injection layer's delta summed layer by layer, no (V, N, D) stack.
             layers = packed_layers(projector, hidden_states, config.vision_layers, strategy, served, embedding, newline)
             return self.managers.static_deltas(layers), lengths, managed
