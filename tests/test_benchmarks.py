@@ -94,3 +94,22 @@ def test_05b_counts_on_the_meta_device_match_the_paper(tmp_path):
     # The estimate of the floor without grid: about +2.8% of the forward.
     assert round(100 * (result["floor"]["manager"]["prefill"] - 1), 1) == 2.8
     assert "measurements" not in result and (tmp_path / "meta.md").exists()
+
+
+def test_prefill_run_gives_per_round_ratios_against_the_floor(tmp_path):
+    from benchmarks.prefill import main as prefill_main
+
+    rounds = 3
+    result = prefill_main(["--size", "tiny", "--rounds", str(rounds), "--warmup", "0", "--out", str(tmp_path)])
+
+    assert json.loads((tmp_path / "tiny-prefill-cpu.json").read_text()) == json.loads(json.dumps(result))
+    table = (tmp_path / "tiny-prefill-cpu.md").read_text()
+    assert result["machine"]["torch_threads"] == 1 and result["machine"]["load_average_after"] is not None
+    for name, base in MANAGER_PAIRS.items():
+        assert f"| {VARIANTS[name].label} / {VARIANTS[base].label} |" in table
+        assert result["floor"][name] > 1
+        for metric in ("prefill_s", "prefill_cpu_s"):
+            ours, theirs = result["timings"][name][metric]["values"], result["timings"][base][metric]["values"]
+            assert len(ours) == len(theirs) == rounds
+            per_round = sorted(a / b for a, b in zip(ours, theirs))
+            assert result["ratios"][name][metric]["median"] == pytest.approx(per_round[rounds // 2])
