@@ -443,9 +443,7 @@ class ManagerRuntime:
         # Every shape computation below reads one host copy of the sizes (none is made when they are on the host).
         sizes = None if image_sizes is None else image_sizes.cpu()
         crops = family.crops(self.model.config, first.shape[0], sizes, batch_num_images, aspect)
-        pack = None
-        if family.pack is not None and not (aspect == SQUARE and family.square_images):
-            pack = partial(family.pack, self.model, strategy=strategy, image_mode=aspect)
+        pack = family.packing(self.model, strategy, aspect)
         if pack is None:  # each crop's tokens are the image's (LLaVA-1.5, square images)
             rows, lengths = torch.arange(first.shape[0] * tokens), [tokens] * first.shape[0]
         else:
