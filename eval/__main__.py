@@ -11,7 +11,7 @@ from . import TASKS_DIR
 USAGE = """usage: {prog} COMMAND ...
 
   ablation [OPTIONS]                 the grid vs manager ablation end to end: train the four variants, evaluate,
-                                     report (no options: the tiny one on CPU, about 5 CPU-minutes; see --help)
+                                     report (no options: the tiny one on CPU, 6-7 minutes; see --help)
   run LMMS_EVAL_ARGS...              lmms-eval (`python -m lmms_eval`) with this package's tasks; exits non-zero
                                      when a task failed or produced no result
   report VARIANT=RUN... --out DIR    the ablation table (markdown, CSV) and plot; VARIANT: baseline, manager,

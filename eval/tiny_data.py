@@ -20,8 +20,16 @@ from PIL import Image
 from training.synthetic import LETTERS, MARKER_POSITIONS, NUMBER_WORDS, generate_scene, get_preset, kinded_questions
 
 NUM_CHOICES = 4  # at most: a yes/no question has two
-# The tasks' shared YAML: its `dataset_kwargs` are `generate_documents`' arguments.
-TASK_CONFIG = Path(__file__).resolve().parent / "tasks" / "manager_tiny" / "_manager_tiny_common.yaml"
+# The tasks' YAML files: their `dataset_kwargs` are `generate_documents`' arguments.
+TASK_DIR = Path(__file__).resolve().parent / "tasks" / "manager_tiny"
+# The generated tasks and the metric each is scored by: `manager_tiny*` on the `easy` scenes, `manager_tiny_detail*` on
+# the `detail` scenes (coarse and detail questions).
+TASK_METRICS = {
+    "manager_tiny": "exact_match",
+    "manager_tiny_mc": "acc",
+    "manager_tiny_detail": "exact_match",
+    "manager_tiny_detail_mc": "acc",
+}
 
 
 def scene_seed(seed: int, index: int) -> str:
@@ -102,7 +110,22 @@ class _TaskConfigLoader(yaml.SafeLoader):
 _TaskConfigLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
 
 
-def shipped_documents(limit: int | None = None) -> list[dict[str, Any]]:
-    """The documents `manager_tiny` and `manager_tiny_mc` evaluate (the first `limit` of them, as `--limit` takes)."""
-    config = yaml.load(TASK_CONFIG.read_text(), Loader=_TaskConfigLoader)  # a SafeLoader that knows !function
-    return generate_documents(**config["dataset_kwargs"])[:limit]
+def task_config(task: str) -> dict[str, Any]:
+    """A generated task's YAML with its includes resolved as lmms-eval resolves them (the first include wins)."""
+    if task not in TASK_METRICS:
+        raise ValueError(f"unknown generated task {task!r}: expected one of {sorted(TASK_METRICS)}")
+    return _load_config(TASK_DIR / f"{task}.yaml")
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    config = yaml.load(path.read_text(), Loader=_TaskConfigLoader)  # a SafeLoader that knows !function
+    includes = config.pop("include", [])
+    merged: dict[str, Any] = {}
+    for name in reversed([includes] if isinstance(includes, str) else includes):
+        merged.update(_load_config(path.parent / name))
+    return {**merged, **config}
+
+
+def shipped_documents(limit: int | None = None, task: str = "manager_tiny") -> list[dict[str, Any]]:
+    """The documents the generated task `task` evaluates (the first `limit` of them, as `--limit` takes)."""
+    return generate_documents(**task_config(task)["dataset_kwargs"])[:limit]

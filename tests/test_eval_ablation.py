@@ -7,6 +7,7 @@ import csv
 import itertools
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import yaml
 from test_eval_tasks import shared_task_manager
 
 from eval.ablation.launchers import InProcessLauncher
-from eval.ablation.main import build_parser, build_steps, run, seed_layouts
+from eval.ablation.main import build_parser, build_steps, chance_notes, run, seed_layouts
 from eval.ablation.plan import VARIANT_RECIPES, build_plan
 from eval.ablation.schedule import load_schedule
 from eval.ablation.steps import EvalStep, Stage0Step, StageStep, SyntheticDataStep, TinyUnimodalStep, TowerStep
@@ -83,7 +84,7 @@ def test_seeds_repeat_every_step_with_their_seed_under_their_own_directory(tmp_p
     args = build_parser().parse_args(["--out", str(tmp_path), "--seeds", "2", "--seed", "5"])
     layouts = seed_layouts(args)
     assert {seed: layout.root for seed, layout in layouts.items()} == {5: tmp_path / "seed_5", 6: tmp_path / "seed_6"}
-    steps = build_steps(args, load_schedule("tiny"), InProcessLauncher(), layouts[6], 6)
+    steps = build_steps(args, load_schedule("detail"), InProcessLauncher(), layouts[6], 6)
     by_type = {type(step): step for step in steps}
     assert by_type[TinyUnimodalStep].seed == 6 and by_type[TowerStep].seed == 6
     assert by_type[TowerStep].directory == tmp_path / "seed_6" / "tower"
@@ -92,8 +93,35 @@ def test_seeds_repeat_every_step_with_their_seed_under_their_own_directory(tmp_p
     for step in (step for step in steps if isinstance(step, StageStep)):
         assert step.argv[step.argv.index("--seed") + 1] == "6"
         assert step.argv[step.argv.index("--output_dir") + 1].startswith(str(tmp_path / "seed_6"))
+    assert {step.job.tasks for step in steps if isinstance(step, EvalStep)} == {
+        ("manager_tiny_detail", "manager_tiny_detail_mc")
+    }
     assert run(build_parser().parse_args(["--out", str(tmp_path), "--seeds", "0"])) == 2
     assert "--seeds must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_default_schedule_assembles_the_random_tower_and_evaluates_the_easy_tasks(tmp_path):
+    """`tiny` (the demo) has no tower step: stage 0 assembles the random SigLIP; its tasks ask the easy scenes."""
+    args = build_parser().parse_args(["--out", str(tmp_path)])
+    steps = build_steps(args, load_schedule("tiny"), InProcessLauncher())
+    assert not any(isinstance(step, TowerStep) for step in steps)
+    unimodal, stage0 = steps[0], steps[1]
+    assert isinstance(unimodal, TinyUnimodalStep) and isinstance(stage0, Stage0Step)
+    assert stage0.vision == unimodal.vision
+    evaluated = {step.job.tasks for step in steps if isinstance(step, EvalStep)}
+    assert evaluated == {("manager_tiny", "manager_tiny_mc")}
+    assert chance_notes(("manager_tiny", "manager_tiny_mc"), 6)[0].startswith("chance on the 6 manager_tiny documents")
+    args = build_parser().parse_args(["--out", str(tmp_path), "--tasks", "manager_tiny_mc"])  # --tasks wins
+    steps = build_steps(args, load_schedule("tiny"), InProcessLauncher())
+    assert {step.job.tasks for step in steps if isinstance(step, EvalStep)} == {("manager_tiny_mc",)}
+
+
+@pytest.mark.parametrize("tasks", ["manager_tiny", [], ["manager_tiny,manager_tiny_mc"], [3]])
+def test_a_schedule_names_its_tasks_as_a_list(tmp_path, tasks):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"description": "x", "tasks": tasks}))
+    with pytest.raises(ValueError, match=re.escape(f"tasks must be a non-empty list of lmms-eval task names, got {tasks!r}")):
+        load_schedule(path)
 
 
 def test_vision_and_llm_start_with_stage_0_instead_of_model(tmp_path, capsys, one_thread):
@@ -231,12 +259,12 @@ def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_
         assert provenance["stage"]["recipe"] == stage.recipe and provenance["global_step"] == 2
     for variant in VARIANT_RECIPES:
         results = json.loads((first / "eval" / variant / "results.json").read_text())
-        assert results["n-samples"]["manager_tiny_mc"]["effective"] == 6
-        assert 0 <= results["results"]["manager_tiny"]["exact_match,none"] <= 1
-        assert results["provenance"]["tasks"]["manager_tiny"]["version"] == 3.0
+        assert results["n-samples"]["manager_tiny_detail_mc"]["effective"] == 6
+        assert 0 <= results["results"]["manager_tiny_detail"]["exact_match,none"] <= 1
+        assert results["provenance"]["tasks"]["manager_tiny_detail"]["version"] == 1.0
         assert {task: len(resps) for task, resps in answers(results).items()} == {
-            "manager_tiny": 6,
-            "manager_tiny_mc": 6,
+            "manager_tiny_detail": 6,
+            "manager_tiny_detail_mc": 6,
         }
     report = first / "report"
     labels = [variant.label for variant in load_table().variants.values()]
@@ -244,10 +272,10 @@ def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_
     assert all(f" {label} " in header for label in labels)
     with (report / "ablation.csv").open() as handle:
         rows = {row["task"]: row for row in csv.DictReader(uncommented(handle))}
-    assert all(rows["manager_tiny_mc"][variant] != "" for variant in VARIANT_RECIPES)
+    assert all(rows["manager_tiny_detail_mc"][variant] != "" for variant in VARIANT_RECIPES)
     assert (report / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (report / "ablation.md").read_text()
-    assert "[20/20" in output and "chance on the 6 manager_tiny documents" in markdown
+    assert "[20/20" in output and "chance on the 6 manager_tiny_detail documents" in markdown
     assert "standard error of up to 20.4 points: a Δ within ±57.7 is noise" in markdown  # 50 / sqrt(6), x 2 sqrt(2)
     assert (
         "## Provenance" in output

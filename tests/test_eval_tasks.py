@@ -73,8 +73,13 @@ def test_documents_ask_the_training_questions_with_one_token_answers(tiny_proces
 def test_shipped_tasks_ask_about_the_scenes_the_tiny_ablation_trains_on():
     from eval.ablation.schedule import load_schedule
 
-    trained_on = {load_schedule(name).synthetic.get("preset", "standard") for name in ("tiny", "smoke")}
-    assert {document["preset"] for document in shipped_documents()} == trained_on == {"detail"}
+    presets = {}
+    for name in ("tiny", "detail", "smoke"):
+        schedule = load_schedule(name)
+        asked = {document["preset"] for task in schedule.tasks for document in shipped_documents(task=task)}
+        assert asked == {schedule.synthetic["preset"]}, name
+        presets[name] = schedule.synthetic["preset"]
+    assert presets == {"tiny": "easy", "detail": "detail", "smoke": "detail"}  # the demo: the world the models learn
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -132,6 +137,13 @@ def test_groups_resolve_to_the_paper_tasks_in_lmms_eval_0_7_3(lmms_task_manager)
         "mathvista_testmini": ("mathvista_testmini_cot", "mathvista_testmini_solution", "mathvista_testmini_format"),
     }
     assert describe(lmms_task_manager, "manager_tiny").kind == "python_task"
+    # lmms-eval resolves the detail tasks' includes to the detail scenes and their twins' output types.
+    configs = lmms_task_manager.load_task_or_group(["manager_tiny_detail", "manager_tiny_detail_mc"])
+    loaded = {task.config.task: task.config for task in configs.values()}
+    assert {name: (config.dataset_kwargs["preset"], config.output_type) for name, config in loaded.items()} == {
+        "manager_tiny_detail": ("detail", "generate_until"),
+        "manager_tiny_detail_mc": ("detail", "multiple_choice"),
+    }
 
 
 def test_benchmark_table_reads_metrics_lmms_eval_0_7_3_reports(lmms_task_manager):

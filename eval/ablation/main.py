@@ -1,12 +1,15 @@
 """`llava-manager ablation [options]` (or `python -m eval ablation`): the grid vs manager ablation end to end, resumable.
 
-With no options, on the embedded default: writes a tiny SigLIP and a tiny Qwen2, pretrains the SigLIP so that its last
-layer keeps the coarse scene and loses the details and probes its layers, assembles it with the Qwen2 (stage 0),
-writes the synthetic data, trains the four variants through their stages (the `tiny` schedule), evaluates each on
-manager_tiny and manager_tiny_mc, and writes the report (markdown, CSV, PNG) and the report per kind of question
-(coarse and detail; `--seeds N` repeats everything with N seeds, each Δ with a 95% interval over seeds and documents). With `--vision SIGLIP --llm QWEN2 --data DIR --tasks manager_local13` (or `--model DIR`, an
-existing LLaVA-OneVision, instead of stage 0) the same steps run the real ablation with the recipes' own settings (the
-`full` schedule). Finished steps are skipped on a re-run (`--force` redoes them).
+With no options, on the embedded default: writes a tiny SigLIP and a tiny Qwen2, assembles them (stage 0), writes
+the synthetic data, trains the four variants through their stages (the `tiny` schedule), evaluates each on the
+schedule's tasks (manager_tiny and manager_tiny_mc), and writes the report (markdown, CSV, PNG) and the report over
+seeds per kind of question (`--seeds N` repeats everything with N seeds, each Δ with a 95% interval over seeds and
+documents). `--schedule detail` is the tiny world where the manager's mechanism exists: the SigLIP is first pretrained
+so that its last layer keeps the coarse scene and loses the details, and its layers probed; the questions
+(manager_tiny_detail) are coarse and detail ones. With `--vision SIGLIP --llm QWEN2 --data DIR --tasks
+manager_local13` (or `--model DIR`, an existing LLaVA-OneVision, instead of stage 0) the same steps run the real
+ablation with the recipes' own settings (the `full` schedule). Finished steps are skipped on a re-run (`--force` redoes
+them).
 """
 
 from __future__ import annotations
@@ -40,12 +43,11 @@ from .steps import (
 )
 
 DEFAULT_OUT = Path("runs/ablation")
-DEFAULT_TASKS = "manager_tiny,manager_tiny_mc"
 STAGE_MIXTURES = {"1": "stage1.yaml", "1.5": "stage1.5.yaml", "2": "stage2.yaml"}  # as training.synthetic writes them
 
 EXAMPLES = """examples:
-  {prog}                                   # the tiny ablation on CPU, one seed (4m43s of CPU, one thread)
-  {prog} --seeds 3                         # seeds 0-2 (reuses seed 0's run): Δs with intervals over seeds
+  {prog}                                   # the tiny ablation on CPU, one seed (about 7 minutes)
+  {prog} --schedule detail --seeds 3       # the detail world, seeds 0-2: probes, Δs per kind with intervals over seeds
   {prog} --schedule smoke --out /tmp/smoke # every step, 2 training steps each (seconds)
   {prog} --vision ckpt/siglip-so400m-patch14-384 --llm ckpt/Qwen2-0.5B-Instruct --data data/ \\
       --tasks manager_local13 --out runs/ablation_0.5b --launcher subprocess --nproc 8 \\
@@ -76,7 +78,7 @@ def build_parser(prog: str = "python -m eval ablation") -> argparse.ArgumentPars
         "or stage1=PATH,stage1.5=PATH,stage2=PATH (default: the synthetic data, written under --out)",
     )
     parser.add_argument("--image-folder", type=Path, help="the folder image paths are relative to (default: --data)")
-    parser.add_argument("--tasks", default=DEFAULT_TASKS, help=f"lmms-eval tasks or groups (default {DEFAULT_TASKS})")
+    parser.add_argument("--tasks", help="lmms-eval tasks or groups, comma-separated (default: the schedule's)")
     parser.add_argument("--variants", default=",".join(VARIANT_RECIPES), help="which variants to run (default: all)")
     parser.add_argument(
         "--schedule",
@@ -230,7 +232,7 @@ def build_steps(
         argv += ["--output_dir", str(directory), *options_to_argv(options), *train_args]
         steps.append(StageStep(run, argv, directory, parent, launcher))
     settings = schedule.evaluation
-    tasks = tuple(task.strip() for task in args.tasks.split(",") if task.strip())
+    tasks = tuple(task.strip() for task in args.tasks.split(",") if task.strip()) if args.tasks else schedule.tasks
     for run in plan.evaluations:
         job = EvalJob(
             name=run.variant,
@@ -247,26 +249,27 @@ def build_steps(
 
 
 def chance_notes(tasks: tuple[str, ...], limit: int | None) -> list[str]:
-    """What a model blind to the images scores on the tiny tasks, for the report."""
-    if not {"manager_tiny", "manager_tiny_mc"} & set(tasks):
-        return []
-    from ..tiny_data import chance_scores, shipped_documents
+    """What a model blind to the images scores on the generated tasks' documents, for the report."""
+    from ..tiny_data import TASK_METRICS, chance_scores, shipped_documents
 
-    documents = shipped_documents(limit)
-    chance = chance_scores(documents)
-    note = (
-        f"chance on the {len(documents)} manager_tiny documents (a model blind to the images): exact match "
-        f"{100 * chance['exact_match']:.2f} (guessing a word of the answer's kind), multiple choice "
-        f"{100 * chance['multiple_choice']:.2f} (guessing a choice)"
-    )
-    # A score is a mean of n Bernoulli outcomes: its standard error is at most 50 / sqrt(n) points, and the difference
-    # of two independent scores needs about 2 * sqrt(2) of those to stand out at 95%.
-    standard_error = 50 / math.sqrt(len(documents))
-    noise = (
-        f"each score on {len(documents)} documents has a standard error of up to {standard_error:.1f} points: a Δ "
-        f"within ±{2 * math.sqrt(2) * standard_error:.1f} is noise"
-    )
-    return [note, noise]
+    notes = []
+    # A task and its multiple-choice twin ask the same documents: one note for both, named by the first.
+    for name in dict.fromkeys(task.removesuffix("_mc") for task in tasks if task in TASK_METRICS):
+        documents = shipped_documents(limit, name)
+        chance = chance_scores(documents)
+        notes.append(
+            f"chance on the {len(documents)} {name} documents (a model blind to the images): exact match "
+            f"{100 * chance['exact_match']:.2f} (guessing a word of the answer's kind), multiple choice "
+            f"{100 * chance['multiple_choice']:.2f} (guessing a choice)"
+        )
+        # A score is a mean of n Bernoulli outcomes: its standard error is at most 50 / sqrt(n) points, and the
+        # difference of two independent scores needs about 2 * sqrt(2) of those to stand out at 95%.
+        standard_error = 50 / math.sqrt(len(documents))
+        notes.append(
+            f"each score on {len(documents)} documents has a standard error of up to {standard_error:.1f} points: "
+            f"a Δ within ±{2 * math.sqrt(2) * standard_error:.1f} is noise"
+        )
+    return notes
 
 
 def write_ablation_report(layout: Layout, evaluations: list[EvalStep]) -> Path:
@@ -280,13 +283,13 @@ def write_ablation_report(layout: Layout, evaluations: list[EvalStep]) -> Path:
 
 
 def write_seed_report(layouts: dict[int, Layout], evaluations: dict[int, list[EvalStep]], out: Path) -> Path | None:
-    """The report per kind of question over every seed's run (None unless the tasks are the tiny ones)."""
+    """The report per kind of question over every seed's run (None unless some tasks are generated ones)."""
     from ..intervals import document_scores
-    from ..question_types import METRICS, SeedRun, write_question_report
-    from ..tiny_data import shipped_documents
+    from ..question_types import SeedRun, write_question_report
+    from ..tiny_data import TASK_METRICS, shipped_documents
 
     first = evaluations[next(iter(layouts))][0].job
-    tasks = [task for task in first.tasks if task in ("manager_tiny", "manager_tiny_mc")]
+    tasks = [task for task in first.tasks if task in TASK_METRICS]
     if not tasks:
         return None
     runs = []
@@ -295,7 +298,7 @@ def write_seed_report(layouts: dict[int, Layout], evaluations: dict[int, list[Ev
         probes = layout.tower / PROBES
         runs.append(SeedRun(seed, directories, json.loads(probes.read_text()) if probes.is_file() else None))
     logged = all(
-        document_scores(directory, task, METRICS[task]) is not None
+        document_scores(directory, task, TASK_METRICS[task]) is not None
         for run in runs
         for directory in run.evaluations.values()
         for task in tasks
@@ -305,7 +308,10 @@ def write_seed_report(layouts: dict[int, Layout], evaluations: dict[int, list[Ev
             "note: no per-document scores in the evaluations' results: no report per kind of question", file=sys.stderr
         )
         return None
-    kinds = {document["question_id"]: document["kind"] for document in shipped_documents(first.limit)}
+    kinds = {
+        task: {document["question_id"]: document["kind"] for document in shipped_documents(first.limit, task)}
+        for task in tasks
+    }
     return write_question_report(runs, tasks, kinds, out)
 
 
@@ -379,9 +385,11 @@ def run(args: argparse.Namespace, launcher=None) -> int:
         print("\n" + by_kind.read_text())
         print(f"report per kind of question: {by_kind}, {by_kind.with_suffix('.csv')}")
     if len(layouts) == 1:
+        schedule_option = f" --schedule {args.schedule}" if args.schedule else ""
         print(
             "one seed cannot show significance: its intervals cover the documents, not the training noise; for "
-            f"intervals over seeds run: llava-manager ablation --seeds 3 --out {args.out} (reuses this seed's run)"
+            f"intervals over seeds run: llava-manager ablation{schedule_option} --seeds 3 --out {args.out} (reuses "
+            "this seed's run)"
         )
     print(f"total time {clock(progress.elapsed())}")
     return 0

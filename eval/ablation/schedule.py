@@ -1,14 +1,17 @@
 """Schedules: how long and on what the ablation trains and evaluates, as data (one YAML each in `schedules/`).
 
 A schedule holds the synthetic data's size (used when no `--data` is given), `python -m training` options for every
-stage (`all`) and per recipe stage (`"1"`, `"1.5"`, `"2"`; these win), and the evaluation's batch size, document
-limit and model arguments, and (`tower`) how the tiny SigLIP is pretrained and probed before stage 0 assembles it
-(`training.tower_pretraining.PretrainSettings` fields and the probes' scene counts; only on the embedded default). `tiny` is the embedded default's, `smoke` the smallest that runs every step, `full` the
-recipes' own settings (the real ablation).
+stage (`all`) and per recipe stage (`"1"`, `"1.5"`, `"2"`; these win), the evaluation's batch size, document limit and
+model arguments, the lmms-eval tasks it evaluates (`tasks`, default manager_tiny and manager_tiny_mc; `--tasks` wins),
+and (`tower`) how the tiny SigLIP is pretrained and probed before stage 0 assembles it
+(`training.tower_pretraining.PretrainSettings` fields and the probes' scene counts; only when the ablation writes the
+tiny SigLIP). `tiny` is the embedded default's, `detail` the tiny world with a pretrained tower and detail questions,
+`smoke` the smallest that runs every step, `full` the recipes' own settings (the real ablation).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import yaml
 
 SCHEDULE_DIR = Path(__file__).resolve().parent / "schedules"
 STAGE_KEYS = ("all", "1", "1.5", "2")
+DEFAULT_TASKS = ("manager_tiny", "manager_tiny_mc")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Schedule:
     tower: dict[str, Any] = field(
         default_factory=dict
     )  # PretrainSettings fields, probe_train_scenes, probe_test_scenes
+    tasks: tuple[str, ...] = DEFAULT_TASKS  # lmms-eval tasks or groups
 
     def stage_options(self, stage: str) -> dict[str, Any]:
         """The `python -m training` options of a stage of recipe stage `stage` ("1", "1.5" or "2")."""
@@ -59,7 +64,7 @@ def load_schedule(name_or_path: str | Path) -> Schedule:
                 f"unknown schedule {str(name_or_path)!r}: expected one of {schedule_names()} or a YAML file"
             )
     data = yaml.safe_load(path.read_text()) or {}
-    known = {"description", "synthetic", "training", "evaluation", "tower"}
+    known = {"description", "synthetic", "training", "evaluation", "tower", "tasks"}
     if not isinstance(data, dict) or set(data) - known:
         raise ValueError(f"schedule {path}: expected a mapping with keys among {sorted(known)}, got {data!r}")
     training = {str(key): dict(value or {}) for key, value in (data.get("training") or {}).items()}
@@ -85,7 +90,12 @@ def load_schedule(name_or_path: str | Path) -> Schedule:
             raise ValueError(
                 f"schedule {path}: tower takes PretrainSettings fields and {sorted(probes)} ({error})"
             ) from error
-    return Schedule(path.stem, str(data.get("description", "")), synthetic, training, settings, tower)
+    tasks = data.get("tasks", list(DEFAULT_TASKS))
+    if not (
+        isinstance(tasks, list) and tasks and all(isinstance(task, str) and re.fullmatch(r"[^,\s]+", task) for task in tasks)
+    ):
+        raise ValueError(f"schedule {path}: tasks must be a non-empty list of lmms-eval task names, got {tasks!r}")
+    return Schedule(path.stem, str(data.get("description", "")), synthetic, training, settings, tower, tuple(tasks))
 
 
 def _check_training(path: Path, training: dict[str, dict[str, Any]]) -> None:
