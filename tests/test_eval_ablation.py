@@ -68,7 +68,9 @@ def test_stage_arguments_chain_outputs_and_layer_the_options(tmp_path):
         return values[-1]  # argparse keeps the last
 
     assert option(stages["stage1"], "model_name_or_path") == str(tmp_path / "seed_0" / "stage0")  # the tiny, assembled
-    assert option(stages["stage2_manager"], "model_name_or_path") == str(tmp_path / "seed_0" / "stages" / "stage1.5_manager")
+    assert option(stages["stage2_manager"], "model_name_or_path") == str(
+        tmp_path / "seed_0" / "stages" / "stage1.5_manager"
+    )
     assert option(stages["stage1.5"], "data_path") == str(tmp_path / "seed_0" / "data" / "stage1.5.yaml")
     assert option(stages["stage2"], "output_dir") == str(tmp_path / "seed_0" / "stages" / "stage2")
     assert option(stages["stage2"], "max_steps") == "7"  # --train-args win over the schedule
@@ -120,7 +122,9 @@ def test_the_default_schedule_assembles_the_random_tower_and_evaluates_the_easy_
 def test_a_schedule_names_its_tasks_as_a_list(tmp_path, tasks):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"description": "x", "tasks": tasks}))
-    with pytest.raises(ValueError, match=re.escape(f"tasks must be a non-empty list of lmms-eval task names, got {tasks!r}")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"tasks must be a non-empty list of lmms-eval task names, got {tasks!r}")
+    ):
         load_schedule(path)
 
 
@@ -284,7 +288,9 @@ def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_
 
     by_kind = (top / "report" / "question_types.md").read_text()
     assert "**Hypothesis** (stated before running)" in by_kind and "| 6 (last, what LLaVA reads) |" in by_kind
-    assert "- gate: the layer LLaVA reads (hidden state 6)" in by_kind and "One seed cannot show significance" in by_kind
+    assert (
+        "- gate: the layer LLaVA reads (hidden state 6)" in by_kind and "One seed cannot show significance" in by_kind
+    )
     assert "one seed cannot show significance" in output and "--seeds 3" in output
     assert json.loads((first / "tower" / "probes.json").read_text())["probes"]["majority"].keys() == {
         "colour", "shape", "marker_colour", "marker_position", "letter"

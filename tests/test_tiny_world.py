@@ -4,6 +4,7 @@ linear probes and their gate, and the intervals per kind over paired seeds."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -13,7 +14,7 @@ from transformers import SiglipVisionModel
 
 from eval.intervals import delta_interval
 from eval.probes import ProbeTable, fit_probe, probe_gate, probe_tower
-from eval.tiny_data import answer_vocabularies, generate_documents
+from eval.tiny_data import answer_vocabularies, generate_documents, shipped_documents
 from llava_integration.tiny import siglip_config
 from training.synthetic import COARSE_KINDS, COLOURS, generate_scene, get_preset, kinded_questions
 from training.tower_pretraining import FEATURE_LAYER, PretrainSettings, pretrain_tower, scene_set
@@ -164,3 +165,30 @@ def test_intervals_pair_seeds_and_restrict_to_a_kind():
     assert subset == delta_interval(filtered["baseline"], filtered["manager"], paired_runs=True)
     with pytest.raises(ValueError, match="paired runs: 2 runs without and 1 with"):
         delta_interval(runs["baseline"], runs["manager"][:1], paired_runs=True)
+
+
+@pytest.mark.parametrize("task", ["manager_tiny", "manager_tiny_detail"])
+def test_the_report_per_kind_states_the_hypothesis_only_where_detail_questions_are_asked(tmp_path, task):
+    from eval.question_types import SeedRun, write_question_report
+
+    documents = shipped_documents(20, task)
+    kinds = {document["question_id"]: document["kind"] for document in documents}
+    runs = []
+    for seed in (0, 1):
+        evaluations = {}
+        for variant in ("baseline", "manager"):
+            directory = tmp_path / f"seed_{seed}" / variant
+            directory.mkdir(parents=True)
+            right = [float((doc + seed + (variant == "manager")) % 2) for doc in kinds]  # every other document
+            lines = [json.dumps({"doc_id": doc, "exact_match": value}) for doc, value in zip(kinds, right)]
+            (directory / f"20260101_000000_samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
+            evaluations[variant] = directory
+        runs.append(SeedRun(seed, evaluations, None))
+    text = write_question_report(runs, [task], {task: kinds}, tmp_path / "report").read_text()
+    detailed = task == "manager_tiny_detail"
+    assert ("**Hypothesis**" in text) == detailed and ("against the intervals" in text) == detailed
+    assert ("coarse questions only" in text) != detailed
+    groups = {line.split(" | ")[1] for line in text.splitlines() if line.startswith(f"| {task} (exact_match)")}
+    assert groups == set(kinds.values()) | {"all"} | ({"coarse (all)", "detail (all)"} if detailed else set())
+    row = next(line for line in text.splitlines() if line.startswith(f"| {task} (exact_match) | all |"))
+    assert "| 20 | 50.0 | 50.0 |" in row  # each variant right on every other document, in both seeds

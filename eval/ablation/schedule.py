@@ -92,7 +92,9 @@ def load_schedule(name_or_path: str | Path) -> Schedule:
             ) from error
     tasks = data.get("tasks", list(DEFAULT_TASKS))
     if not (
-        isinstance(tasks, list) and tasks and all(isinstance(task, str) and re.fullmatch(r"[^,\s]+", task) for task in tasks)
+        isinstance(tasks, list)
+        and tasks
+        and all(isinstance(task, str) and re.fullmatch(r"[^,\s]+", task) for task in tasks)
     ):
         raise ValueError(f"schedule {path}: tasks must be a non-empty list of lmms-eval task names, got {tasks!r}")
     return Schedule(path.stem, str(data.get("description", "")), synthetic, training, settings, tower, tuple(tasks))
