@@ -333,7 +333,9 @@ def check_agreement(answers: dict, reference: dict[str, list[float]], documents:
             )
         differences[name] = gaps[worst]
     picks = {
-        name: [min(range(len(doc["choices"])), key=scores.__getitem__) for doc, scores in _per_document(values, documents)]
+        name: [
+            min(range(len(doc["choices"])), key=scores.__getitem__) for doc, scores in _per_document(values, documents)
+        ]
         for name, values in (("ours", ours["choice"]), ("llava_hf", peer["choice"]))
     }
     return {
@@ -389,7 +391,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
         for kind in KINDS:
             seconds = summary[f"{kind}_s"]
             summary[f"{kind}_docs_per_s"] = {
-                key: len(documents) / seconds[other] for key, other in (("min", "max"), ("median", "median"), ("max", "min"))
+                key: len(documents) / seconds[other]
+                for key, other in (("min", "max"), ("median", "median"), ("max", "min"))
             }
         measurements[name] = summary
     return {
@@ -426,11 +429,13 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"### Evaluation throughput, {result['size']} on {machine['device_name']}",
         "",
-        f"{settings['dtype']}, {settings['attention']} attention, batch size {settings['batch_size']}, "
-        f"{settings['documents']} {settings['task']} ({settings['image_mode']}), {settings['choices']} choices, "
-        f"greedy {settings['max_new_tokens']} new tokens; {settings['rounds']} interleaved rounds after a warm-up, "
-        f"{machine['torch_threads']} torch threads, load average {machine['load_average_1_5_15']} before and "
-        f"{machine.get('load_average_after')} after.",
+        (
+            f"{settings['dtype']}, {settings['attention']} attention, batch size {settings['batch_size']}, "
+            f"{settings['documents']} {settings['task']} ({settings['image_mode']}), {settings['choices']} choices, "
+            f"greedy {settings['max_new_tokens']} new tokens; {settings['rounds']} interleaved rounds after a warm-up, "
+            f"{machine['torch_threads']} torch threads, load average {machine['load_average_1_5_15']} before and "
+            f"{machine.get('load_average_after')} after."
+        ),
         "",
         "| model | generation docs/s (min/med/max) | multiple choice docs/s (min/med/max) |",
         "|---|---|---|",
@@ -440,25 +445,31 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| time ratio (median of per-round ratios; min-max) | generation wall | generation CPU | multiple choice wall "
-        "| multiple choice CPU | prefill FLOP floor |",
+        (
+            "| time ratio (median of per-round ratios; min-max) | generation wall | generation CPU | multiple choice wall "
+            "| multiple choice CPU | prefill FLOP floor |"
+        ),
         "|---|---|---|---|---|---|",
     ]
     for variant, base in PAIRS.items():
         ratios = result["ratios"][variant]
         cells = [f"x{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})" for r in (ratios[m] for m in METRICS)]
         floor = f"{result['floor']['prefill']:.4f}" if base == "ours" else "1 (same model)"
-        lines.append(f"| {result['subjects'][variant]} / {result['subjects'][base]} | " + " | ".join(cells) + f" | {floor} |")
+        lines.append(
+            f"| {result['subjects'][variant]} / {result['subjects'][base]} | " + " | ".join(cells) + f" | {floor} |"
+        )
     choice = agreement["choice"]
     lines += [
         "",
-        f"Agreement (llava_ov_manager without a manager vs llava_hf, same checkpoint): "
-        f"{agreement['generation']['identical']}/{agreement['generation']['documents']} generations identical; "
-        f"choice log-likelihoods equal a full uncached forward of llava_hf's prompt + continuation within "
-        f"{choice['max_abs_difference']['ours_vs_reference']:.1e} (tolerance {choice['tolerance']:.0e}); llava_hf's "
-        f"own scores are the mean NLL of every token from its context's length counted with `<image>` unexpanded on "
-        f"(within {choice['max_abs_difference']['llava_hf_vs_explained']:.1e}); its picks equal ours on "
-        f"{choice['same_pick_as_llava_hf']}/{settings['documents']} documents.",
+        (
+            f"Agreement (llava_ov_manager without a manager vs llava_hf, same checkpoint): "
+            f"{agreement['generation']['identical']}/{agreement['generation']['documents']} generations identical; "
+            f"choice log-likelihoods equal a full uncached forward of llava_hf's prompt + continuation within "
+            f"{choice['max_abs_difference']['ours_vs_reference']:.1e} (tolerance {choice['tolerance']:.0e}); llava_hf's "
+            f"own scores are the mean NLL of every token from its context's length counted with `<image>` unexpanded on "
+            f"(within {choice['max_abs_difference']['llava_hf_vs_explained']:.1e}); its picks equal ours on "
+            f"{choice['same_pick_as_llava_hf']}/{settings['documents']} documents."
+        ),
         "",
         f"Command: `{result['command']}`",
     ]
