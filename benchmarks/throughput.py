@@ -7,9 +7,9 @@ with a manager and of lmms-eval's `llava_hf`, on one checkpoint and the same lmm
 The checkpoint is made on the fly from the benchmark size's builders (random weights, no download) and saved to a
 temporary directory; the manager model is the same checkpoint with a manager merged in. The documents are
 `manager_tiny`'s (generated scenes); each model gets fresh lmms-eval `Instance`s with the same contexts and
-`doc_to_visual`, so only the model classes differ. Rounds run the three models interleaved (the order rotating), for
-greedy generation of a fixed length and for multiple choice (one log-likelihood request per choice); ratios are
-medians of per-round ratios. Answers are checked where the models are the same: our plugin without a manager and
+`doc_to_visual`, so only the model classes differ. Rounds run the three models interleaved document by document (the
+order rotating), for greedy generation of a fixed length and for multiple choice (one log-likelihood request per
+choice); ratios are medians of per-round ratios. Answers are checked where the models are the same: our plugin without a manager and
 `llava_hf` must generate the same strings, and our choice log-likelihoods must equal those of one full forward of
 `llava_hf`'s own prompt + continuation through its model (`check_agreement`).
 
@@ -26,11 +26,13 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from lmms_eval.api.instance import Instance
+from tqdm import tqdm
 
 from eval.model import LlavaOvManager
 from eval.tiny_data import generate_documents
@@ -46,7 +48,7 @@ from manager_plugin.provenance import environment_provenance
 from . import flops as flop_model
 from .inputs import workload
 from .machine import describe
-from .measure import Variant, interleaved
+from .measure import Variant
 from .report import overhead_ratios, spread
 from .sizes import SIZES, build_config, build_model, build_processor
 
@@ -262,19 +264,42 @@ def _number(answer) -> float:
     return float((answer.text if hasattr(answer, "text") else answer)[0])
 
 
-def run_round(subject: EvalSubject, documents: list[dict], max_new_tokens: int, answers: dict) -> dict[str, float]:
-    """Generation then multiple choice on every document by one model: wall and CPU seconds; the answers are kept."""
-    times = {}
-    for kind, call, requests in (
-        ("generate", subject.model.generate_until, generation_requests(documents, max_new_tokens)),
-        ("choice", subject.model.loglikelihood, choice_requests(documents)),
-    ):
-        wall, cpu = time.perf_counter(), time.process_time()
-        output = call(requests)
-        times[f"{kind}_s"], times[f"{kind}_cpu_s"] = time.perf_counter() - wall, time.process_time() - cpu
-        answers.setdefault(subject.variant.name, {})[kind] = (
-            list(output) if kind == "generate" else [_number(answer) for answer in output]
-        )
+def run_round(
+    subjects: list[EvalSubject],
+    documents: list[dict],
+    max_new_tokens: int,
+    answers: dict,
+    shift: int = 0,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, dict[str, float]]:
+    """One round: per document, its generation request then its choices' requests, by every model in turn (the
+    order rotating by one per document, starting at `shift`). Returns each model's wall and CPU seconds summed over
+    the documents, and keeps the answers.
+
+    Interleaving per document, not per round as `measure.interleaved` does, keeps the three models' runs on one
+    document seconds apart, so that a change of the shared machine's load reaches them alike."""
+    times: dict[str, dict[str, float]] = {subject.variant.name: dict.fromkeys(METRICS, 0.0) for subject in subjects}
+    for subject in subjects:
+        answers[subject.variant.name] = {"generate": [], "choice": []}
+    for index in range(len(documents)):
+        start = (shift + index) % len(subjects)
+        for subject in subjects[start:] + subjects[:start]:
+            # Fresh requests for every call: llava_hf edits the generation settings it is given.
+            generation = [r for r in generation_requests(documents, max_new_tokens) if r.args[3] == index]
+            choices = [r for r in choice_requests(documents) if r.args[3] == index]
+            for kind, call, requests in (
+                ("generate", subject.model.generate_until, generation),
+                ("choice", subject.model.loglikelihood, choices),
+            ):
+                sync()
+                wall, cpu = time.perf_counter(), time.process_time()
+                output = call(requests)
+                sync()
+                times[subject.variant.name][f"{kind}_s"] += time.perf_counter() - wall
+                times[subject.variant.name][f"{kind}_cpu_s"] += time.process_time() - cpu
+                answers[subject.variant.name][kind] += (
+                    list(output) if kind == "generate" else [_number(answer) for answer in output]
+                )
     return times
 
 
@@ -374,16 +399,15 @@ def run(args: argparse.Namespace, command: str) -> dict:
         subjects = build_subjects(Path(scratch), device, args.attention, documents)
     answers: dict = {}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def measure(subject: EvalSubject) -> dict[str, float]:
-        sync()
-        times = run_round(subject, documents, args.max_new_tokens, answers)
-        sync()
-        return times
-
-    interleaved(subjects, 1, measure, "warm-up round")
+    run_round(subjects, documents, args.max_new_tokens, answers, sync=sync)  # warm-up
     agreement = check_agreement(answers, reference_choice_scores(subjects[2].model, documents), documents)
-    timings = interleaved(subjects, args.rounds, measure, "throughput rounds")
+    timings: dict[str, dict[str, list[float]]] = {
+        subject.variant.name: {m: [] for m in METRICS} for subject in subjects
+    }
+    for repeat in tqdm(range(args.rounds), desc="throughput rounds", leave=False):
+        for name, values in run_round(subjects, documents, args.max_new_tokens, {}, repeat, sync).items():
+            for metric, value in values.items():
+                timings[name][metric].append(value)
     machine["load_average_after"] = describe(device)["load_average_1_5_15"]
     measurements = {}
     for name, values in timings.items():
