@@ -1,4 +1,4 @@
-"""Analytic FLOPs of one LLaVA-OneVision forward and training step, with and without the manager.
+"""Analytic FLOPs of one LLaVA-family forward and training step, with and without the manager.
 
 Convention (that of MFU and of `torch.utils.flop_counter`): a multiply-add is 2 FLOPs; every matmul, the patch
 convolution and both attention products count, attention over the full `S x S` (as SDPA computes it, causal or
@@ -6,14 +6,15 @@ not); norms, activations, softmax, rotary and biases do not. The manager's own e
 add, weighted sums, the add into the stream) is counted separately, because it is part of its floor.
 
 A training step (everything trainable) costs 3x the forward, except the patch convolution: its input is the pixels,
-which need no gradient, so 2x.
+which need no gradient, so 2x; and the vision blocks above the highest layer read (LLaVA-1.5 and NeXT read the
+second-to-last one), which run but receive no gradient, so 1x.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from transformers import LlavaOnevisionConfig
+from transformers import PretrainedConfig
 
 from manager_plugin import ManagerConfig
 
@@ -34,27 +35,33 @@ class Workload:
         return asdict(self)
 
 
-def crop_tokens(config: LlavaOnevisionConfig) -> int:
-    """Visual tokens one crop yields (the projector's rows per crop)."""
+def tower_positions(config: PretrainedConfig) -> int:
+    """Positions the vision tower runs on per crop: its patches, and CLIP's class token."""
     vision = config.vision_config
-    tokens = (vision.image_size // vision.patch_size) ** 2
+    return (vision.image_size // vision.patch_size) ** 2 + (1 if vision.model_type == "clip_vision_model" else 0)
+
+
+def crop_tokens(config: PretrainedConfig) -> int:
+    """Visual tokens one crop yields (the projector's rows per crop): `default` drops the tower's first position."""
+    tokens = tower_positions(config)
     return tokens - 1 if config.vision_feature_select_strategy == "default" else tokens
 
 
-def projector_flops_per_token(config: LlavaOnevisionConfig) -> int:
+def projector_flops_per_token(config: PretrainedConfig) -> int:
     """One pass of the 2-layer MLP projector over one token."""
     vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
     return 2 * (vision * text + text * text)
 
 
 def forward_flops(
-    config: LlavaOnevisionConfig, work: Workload, manager: ManagerConfig | None, logits_tokens: int
+    config: PretrainedConfig, work: Workload, manager: ManagerConfig | None, logits_tokens: int
 ) -> dict[str, int]:
     """Forward FLOPs by component; `logits_tokens` is how many positions the LM head scores (all, or 1 per sample)."""
     vision, text = config.vision_config, config.text_config
     patches = (vision.image_size // vision.patch_size) ** 2
+    positions = tower_positions(config)
     dv, iv = vision.hidden_size, vision.intermediate_size
-    vision_layer = 8 * patches * dv * dv + 4 * patches * dv * iv + 4 * patches * patches * dv
+    vision_layer = 8 * positions * dv * dv + 4 * positions * dv * iv + 4 * positions * positions * dv
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     d, s = text.hidden_size, work.seq_len
     q_width, kv_width = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
@@ -66,9 +73,13 @@ def forward_flops(
         + 6 * s * d * text.intermediate_size  # gate, up, down
     )
     projected_rows = work.crops * crop_tokens(config)
+    # Hidden state h is the output of block h; a negative main feature layer counts from the last hidden state.
+    main_layer = config.vision_feature_layer % (vision.num_hidden_layers + 1)
+    highest_read = max([main_layer, *(manager.vision_layers if manager is not None else [])])
     flops = {
         "vision_patch_embedding": work.crops * 2 * patches * 3 * vision.patch_size**2 * dv,
-        "vision_blocks": work.crops * vision.num_hidden_layers * vision_layer,
+        "vision_blocks": work.crops * highest_read * vision_layer,
+        "vision_blocks_unread": work.crops * (vision.num_hidden_layers - highest_read) * vision_layer,
         "projector": projected_rows * projector_flops_per_token(config),
         "language_model": work.batch_size * text.num_hidden_layers * text_layer,
         "lm_head": 2 * logits_tokens * d * text.vocab_size,
@@ -90,7 +101,8 @@ def forward_flops(
 
 def training_flops(forward: dict[str, int]) -> dict[str, int]:
     """A training step's FLOPs by component (forward + backward), from the forward's."""
-    return {name: (2 if name == "vision_patch_embedding" else 3) * value for name, value in forward.items()}
+    factor = {"vision_patch_embedding": 2, "vision_blocks_unread": 1}
+    return {name: factor.get(name, 3) * value for name, value in forward.items()}
 
 
 def matmul_total(flops: dict[str, int]) -> int:

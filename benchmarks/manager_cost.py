@@ -3,9 +3,10 @@
     llava-manager bench --size small --repeats 7                 # (or python -m benchmarks ...)
     llava-manager bench --size 0.5b                              # on a CUDA machine: bf16, sdpa, MFU
     llava-manager bench --size 0.5b --device meta                # parameter and FLOP counts only, anywhere
+    llava-manager bench --family llava_next --size tiny          # another LLaVA family at a size's shapes
 
-Writes `<out>/<size>-<device>.{json,md,png}` (default out: runs/benchmarks under the working directory) and prints
-the table.
+Writes `<out>/<size>-<device>.{json,md,png}` (`<size>-<device>-<family>` for a family other than LLaVA-OneVision;
+default out: runs/benchmarks under the working directory) and prints the table.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import LlavaOnevisionConfig
+from transformers import PretrainedConfig
 
 from llava_integration import apply_manager, manager_of
+from llava_integration.families import FAMILY_BY_NAME
 from llava_integration.patch import resolve_manager_config
 from llava_manager.cli import UsageError, run_main
 from manager_plugin import MANAGER_TYPES, ManagerConfig
@@ -33,6 +35,7 @@ from .measure import (
     MANAGER_PAIRS,
     VARIANTS,
     Subject,
+    family_variants,
     generate_timed,
     generate_tokens,
     prefill,
@@ -44,6 +47,8 @@ from .measure import (
 )
 from .report import markdown_table, mfu, overhead_ratios, plot, spread
 from .sizes import SIZES, build_config, build_model, build_processor
+
+DEFAULT_FAMILY = "llava_onevision"
 
 RESULTS = Path("runs/benchmarks")  # relative: under the working directory, never inside the installed package
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,6 +62,12 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m benchmarks"
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument(
+        "--family",
+        choices=list(FAMILY_BY_NAME),
+        default=DEFAULT_FAMILY,
+        help="the LLaVA family built at --size: llava_onevision (SigLIP + Qwen2), the others CLIP + Llama",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda[:i] or meta (counts only); default: cuda if any")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on cpu, else bfloat16")
     parser.add_argument("--attention", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
@@ -67,7 +78,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m benchmarks"
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=None, help="default: every one the family runs"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON, markdown and plot")
     parser.add_argument("--tag", default=None, help="file name stem (default: <size>-<device type>)")
     parser.add_argument("--no-plot", action="store_true")
@@ -82,6 +95,13 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m benchmarks"
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.decode_tokens < 2:
         raise UsageError("need --repeats >= 1, --warmup >= 0 and --decode-tokens >= 2")
+    runnable = family_variants(FAMILY_BY_NAME[args.family])
+    unrunnable = [name for name in args.variants or [] if name not in runnable]
+    if unrunnable:
+        raise UsageError(
+            f"--variants {' '.join(unrunnable)}: --family {args.family} runs {', '.join(runnable)} (LLaVA-1.5 has no "
+            "grid, LLaVA-NeXT only its grid; LLaVA-OneVision switches between square and AnyRes images)"
+        )
     if args.manager_type not in MANAGER_TYPES:
         raise UsageError(f"--manager-type {args.manager_type!r}: expected one of {', '.join(MANAGER_TYPES)}")
     for name in ("batch_size", "text_tokens", "threads", "generate_tokens"):
@@ -126,10 +146,11 @@ def run(args: argparse.Namespace) -> dict:
     batch_size = args.batch_size or size.default_batch_size
     image_size = _image_size(args.image_size, size.default_image)
     text_tokens = args.text_tokens or size.default_text_tokens
-    variants = [VARIANTS[name] for name in VARIANTS if name in args.variants]
+    runnable = family_variants(FAMILY_BY_NAME[args.family])
+    variants = [variant for name, variant in runnable.items() if args.variants is None or name in args.variants]
 
-    processor = build_processor(size)
-    config = build_config(size, processor)
+    processor = build_processor(size, args.family)
+    config = build_config(size, processor, args.family)
     base = build_model(config, device, dtype, args.attention, seed=args.seed)
     models = {False: base}
     if any(variant.manager for variant in variants):
@@ -150,6 +171,7 @@ def run(args: argparse.Namespace) -> dict:
     manager_config = resolve_manager_config(config, ManagerConfig(manager_type=args.manager_type))
     result = {
         "size": args.size,
+        "family": args.family,
         "machine": describe(device),
         "provenance": environment_provenance(),
         "settings": {
@@ -176,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _counts(
-    config: LlavaOnevisionConfig, manager_config: ManagerConfig, models: dict, variants: list, workloads: dict
+    config: PretrainedConfig, manager_config: ManagerConfig, models: dict, variants: list, workloads: dict
 ) -> dict:
     """Parameters and analytic FLOPs of every variant, and the manager's FLOP floor for each manager pair."""
     records = {}
@@ -287,6 +309,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> d
     args = parse_args(argv, prog)
     result = run(args)
     stem = args.tag or f"{args.size}-{result['machine']['device'].split(':')[0]}"
+    if args.tag is None and args.family != DEFAULT_FAMILY:
+        stem += f"-{args.family}"
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(result)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import inf
 
 import torch
@@ -18,6 +18,8 @@ from tqdm import tqdm
 from transformers import BatchFeature, LogitsProcessor, LogitsProcessorList
 
 from llava_integration import set_image_aspect_ratio
+from llava_integration.families import ModelFamily
+from llava_integration.image_modes import SQUARE
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class Variant:
 
     name: str
     label: str
-    aspect: str
+    aspect: str | None  # OneVision's image mode; None: the one mode of the other families' processors
     manager: bool
 
 
@@ -44,6 +46,15 @@ VARIANTS: dict[str, Variant] = {
 MANAGER_PAIRS = {"manager": "baseline", "grid_manager": "grid"}
 
 
+def family_variants(family: ModelFamily) -> dict[str, Variant]:
+    """The variants a model of `family` runs: OneVision all four (it switches between square and AnyRes images);
+    LLaVA-1.5, whose images have no grid, Baseline and +Manager; NeXT, always AnyRes, +Grid and +Grid+Manager."""
+    if family.square_images:
+        return VARIANTS
+    grid = family.pack is not None
+    return {name: replace(v, aspect=None) for name, v in VARIANTS.items() if (v.aspect != SQUARE) == grid}
+
+
 @dataclass
 class Subject:
     """Everything one variant runs: its model (shared with the other aspect ratio), optimizer and batch."""
@@ -55,7 +66,9 @@ class Subject:
     labels: torch.Tensor
 
     def select(self) -> torch.nn.Module:
-        """The model, switched to this variant's image aspect ratio."""
+        """The model, switched to this variant's image aspect ratio (where the family has several)."""
+        if self.variant.aspect is None:
+            return self.model
         return set_image_aspect_ratio(self.model, self.variant.aspect)
 
 

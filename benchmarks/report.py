@@ -69,11 +69,17 @@ def _fmt_spread(values: dict[str, float], scale: float, digits: int) -> str:
     return "/".join(f"{values[key] * scale:.{digits}f}" for key in ("min", "median", "max"))
 
 
+def _subject(result: dict) -> str:
+    """The size and, when not LLaVA-OneVision, the family measured (records before `--family` are OneVision's)."""
+    family = result.get("family", "llava_onevision")
+    return result["size"] if family == "llava_onevision" else f"{result['size']} {family}"
+
+
 def markdown_table(result: dict) -> str:
     """The per-variant table and the overhead-ratio table, as markdown."""
     settings, machine, measured = result["settings"], result["machine"], result.get("measurements", {})
     lines = [
-        f"### {result['size']} on {machine['device_name']}",
+        f"### {_subject(result)} on {machine['device_name']}",
         "",
         f"{settings['dtype']}, {settings['attention']} attention, batch {settings['batch_size']}, one "
         f"{settings['image_size']} image and ~{settings['text_tokens']} text tokens per sample"
@@ -247,7 +253,7 @@ def plot(result: dict, path: Path) -> None:
     axis.set_title("manager overhead: wall (dots), CPU time (squares)", fontsize=10)
     axis.set_ylabel("ratio over the variant without manager; dashes: floor", fontsize=8)
     figure.suptitle(
-        f"manager cost, {result['size']} on {result['machine']['device_name']} ({result['settings']['dtype']}, "
+        f"manager cost, {_subject(result)} on {result['machine']['device_name']} ({result['settings']['dtype']}, "
         f"{result['settings']['repeats']} interleaved repeats; whiskers: min-max)"
     )
     figure.subplots_adjust(left=0.04, right=0.99, bottom=0.14, top=0.86, wspace=0.28)

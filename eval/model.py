@@ -282,4 +282,6 @@ class LlavaOvManager(lmms):
         """The instruction tokens, for managers that read them as their query (adaptive_last/average/cross)."""
         if not self._reads_query:
             return None
-        return instruction_query_mask(input_ids, self.tokenizer, attention_mask)
+        # The prompts were rendered with the processor's template (LLaVA-1.5 and NeXT keep theirs there).
+        template = getattr(self.processor, "chat_template", None)
+        return instruction_query_mask(input_ids, self.tokenizer, attention_mask, chat_template=template)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from operator import attrgetter
 
 import torch
@@ -28,6 +29,7 @@ from transformers import (
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches as next_num_patches
 
 from .features import patches_per_image
+from .image_modes import SQUARE
 
 # (model, per-image features `(crops, T, C)`, image sizes, newline `(C,)`, select strategy, image mode)
 #   -> (per-image packed `(tokens, C)`, tokens per image)
@@ -64,6 +66,13 @@ class ModelFamily:
     def part(self, inner: nn.Module, name: str) -> nn.Module:
         """The module at `self.<name>` (e.g. "projector") inside the family's inner model."""
         return attrgetter(getattr(self, name))(inner)
+
+    def packing(self, inner: nn.Module, strategy: str, image_mode: str | None) -> Callable | None:
+        """HF's packing of the crops of this family's images in `image_mode`, as `features.packed_rows` takes it; None
+        where each crop's tokens are the image's (LLaVA-1.5, OneVision's square images)."""
+        if self.pack is None or (image_mode == SQUARE and self.square_images):
+            return None
+        return partial(self.pack, inner, strategy=strategy, image_mode=image_mode)
 
 
 # -- crops and packing ----------------------------------------------------------------------------------------------

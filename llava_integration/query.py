@@ -2,15 +2,133 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 from torch import nn
 
 from .patch import RUNTIME_ATTRIBUTE, llava_model
 
-TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
+
+@dataclass(frozen=True)
+class UserTurn:
+    """How a chat template marks user turns, as token ids: what stands right before a user message (`starts`: as the
+    first turn and as a later one, which byte-pair merges may spell differently) and right after it (`ends`: before the
+    assistant's reply or the generation prompt)."""
+
+    starts: tuple[tuple[int, ...], ...]
+    ends: tuple[tuple[int, ...], ...]
+
+
+# The template's own renderings, learnt once per tokenizer and template.
+_LEARNT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def user_turn_markers(tokenizer, chat_template: str | None = None) -> UserTurn | None:
+    """The user-turn markers of `chat_template` (default: the tokenizer's) for this tokenizer; None where it has none.
+
+    The template renders a conversation (user, assistant, user) and a single user turn with the generation prompt,
+    each message being the image token (a special token: it merges with nothing, as images do in real prompts). The
+    text common to what precedes the first and the later user messages is the user turn's opening (a system turn or
+    BOS before the first one differ, and drop out), the text common to what follows a user message in both its
+    closing; each, without the white space at its edges, is read back as the tokens that spell it in each rendering.
+    None: no template, or one in which user messages leave no mark (nothing to tell a user turn from other text).
+    """
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    learnt = _LEARNT.setdefault(tokenizer, {})
+    if template not in learnt:
+        learnt[template] = _learn_user_turn(tokenizer, template)
+    return learnt[template]
+
+
+def _learn_user_turn(tokenizer, template: str) -> UserTurn | None:
+    sentinel = _image_token(tokenizer)
+    sentinel_id = tokenizer.convert_tokens_to_ids(sentinel)
+    roles = ("user", "assistant", "user")
+    for content in (sentinel, [{"type": "text", "text": sentinel}]):  # string messages, or lists of parts
+        try:
+            conversation = _render(tokenizer, template, [{"role": r, "content": content} for r in roles], False)
+            prompt = _render(tokenizer, template, [{"role": "user", "content": content}], True)
+        except TemplateError:  # the template refuses this form of message
+            continue
+        if _count(conversation, sentinel_id) == 3 and _count(prompt, sentinel_id) == 1:
+            break
+    else:  # the template drops the messages' text: it cannot say where a user turn is
+        return None
+    (first, reply, later), (asked,) = _sentinel_spans(conversation, sentinel_id), _sentinel_spans(prompt, sentinel_id)
+    text, prompt_text = conversation["text"], prompt["text"]
+    opening = _common_suffix(text[: first[0]], text[reply[1] : later[0]]).strip()
+    closing = _common_prefix(text[first[1] : reply[0]], prompt_text[asked[1] :]).strip()
+    if not opening or not closing:
+        return None
+    starts = {
+        _tokens_over(conversation, at - len(opening), at)
+        for at in (_strip_end(text, first[0]), _strip_end(text, later[0]))
+    }
+    ends = {
+        _tokens_over(rendered, at, at + len(closing))
+        for rendered, at in (
+            (conversation, _strip_start(text, first[1])),
+            (prompt, _strip_start(prompt_text, asked[1])),
+        )
+    }
+    return UserTurn(tuple(sorted(starts)), tuple(sorted(ends)))
+
+
+def _image_token(tokenizer) -> str:
+    return getattr(tokenizer, "image_token", None) or "<image>"
+
+
+def _render(tokenizer, template: str, messages: list[dict], generation_prompt: bool) -> dict:
+    """The rendered text, its token ids and each token's character span."""
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+    )
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return {"text": text, "ids": encoded["input_ids"], "offsets": encoded["offset_mapping"]}
+
+
+def _count(rendered: dict, token: int) -> int:
+    return rendered["ids"].count(token)
+
+
+def _sentinel_spans(rendered: dict, token: int) -> list[tuple[int, int]]:
+    return [span for i, span in zip(rendered["ids"], rendered["offsets"]) if i == token]
+
+
+def _common_suffix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return a[len(a) - n :]
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def _strip_end(text: str, at: int) -> int:
+    """`at` moved back over the white space before it."""
+    return len(text[:at].rstrip())
+
+
+def _strip_start(text: str, at: int) -> int:
+    """`at` moved forward over the white space after it."""
+    return at + len(text[at:]) - len(text[at:].lstrip())
+
+
+def _tokens_over(rendered: dict, begin: int, end: int) -> tuple[int, ...]:
+    """The ids of the tokens that hold any character of `[begin, end)` (a merged leading space included)."""
+    return tuple(i for i, (a, b) in zip(rendered["ids"], rendered["offsets"]) if a < end and b > begin)
 
 
 def _blank_ids(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -20,32 +138,57 @@ def _blank_ids(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return unique[torch.tensor(blank, dtype=torch.bool)]
 
 
+def _matches(ids: torch.Tensor, pattern: tuple[int, ...]) -> torch.Tensor:
+    """`(B, T)` bool: where `pattern` starts in each row of `ids`."""
+    found = torch.zeros_like(ids, dtype=torch.bool)
+    if len(pattern) <= ids.shape[1]:
+        windows = ids.unfold(1, len(pattern), 1)  # (B, T - k + 1, k)
+        found[:, : windows.shape[1]] = (windows == torch.tensor(pattern, device=ids.device)).all(dim=-1)
+    return found
+
+
 def instruction_query_mask(
-    input_ids: torch.Tensor, tokenizer, attention_mask: torch.Tensor | None = None
+    input_ids: torch.Tensor,
+    tokenizer,
+    attention_mask: torch.Tensor | None = None,
+    chat_template: str | None = None,
 ) -> torch.Tensor:
     """A bool mask, shaped like `input_ids` ((T,) or (B, T)), over the instruction of the user turn holding the images.
 
-    That is the text of the ChatML turn from the `<|im_start|>` before the first image token to the `<|im_end|>`
-    after the last one, without the role name, the image tokens and blank tokens. Samples without an image, or
-    without a chat turn around it (the `plain` stage-1 prompt, whose only text is the caption being learnt), get an
-    empty mask; the manager then uses the visual tokens themselves as their query.
+    That is the text of the user turn of `chat_template` (the one the prompts were rendered with; default: the
+    tokenizer's) that holds the first image token, from its opening to its closing (`user_turn_markers`), without the
+    image and video tokens and blank tokens: ChatML, Vicuna (`USER: ... ASSISTANT:`), Mistral `[INST]` and Llama-3
+    headers alike. Samples without an image, or without a user turn around it (the `plain` stage-1 prompt, whose only
+    text is the caption being learnt), and every sample when there is no chat template or its user turns leave no
+    mark, get an empty mask: the manager then uses the visual tokens themselves as their query.
     """
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-    vocabulary = tokenizer.get_vocab()
-    if TURN_START not in vocabulary or TURN_END not in vocabulary:  # no ChatML turns to find the instruction in
+    turn = user_turn_markers(tokenizer, chat_template)
+    if turn is None:
         return torch.zeros_like(input_ids, dtype=torch.bool)
-    positions = torch.arange(ids.shape[1], device=ids.device)
     length = ids.shape[1]
-    image = ids == tokenizer.convert_tokens_to_ids(getattr(tokenizer, "image_token", None) or "<image>")
+    positions = torch.arange(length, device=ids.device)
+    image_token = _image_token(tokenizer)
+    video_token = getattr(tokenizer, "video_token", None) or "<video>"
+    vocabulary = tokenizer.get_vocab()
+    media = [vocabulary[token] for token in (image_token, video_token) if token in vocabulary]
+    image = ids == tokenizer.convert_tokens_to_ids(image_token)
     first_image = torch.where(image, positions, length).amin(dim=1, keepdim=True)
-    last_image = torch.where(image, positions, -1).amax(dim=1, keepdim=True)
-    starts = (ids == tokenizer.convert_tokens_to_ids(TURN_START)) & (positions < first_image)
-    turn_start = torch.where(starts, positions, -1).amax(dim=1, keepdim=True)
-    ends = (ids == tokenizer.convert_tokens_to_ids(TURN_END)) & (positions > last_image)
-    turn_end = torch.where(ends, positions, length).amin(dim=1, keepdim=True)
+    has_image = image.any(dim=1, keepdim=True)
+    # The opening nearest before the first image (its end), and the closing nearest after it.
+    turn_start = torch.full_like(first_image, -1)
+    for pattern in turn.starts:
+        after = positions + len(pattern)  # the first position after an opening found at `positions`
+        opened = _matches(ids, pattern) & (after <= first_image)
+        turn_start = torch.maximum(turn_start, torch.where(opened, after, -1).amax(dim=1, keepdim=True))
+    turn_end = torch.full_like(first_image, length)
+    for pattern in turn.ends:
+        closed = _matches(ids, pattern) & (positions > first_image)
+        turn_end = torch.minimum(turn_end, torch.where(closed, positions, length).amin(dim=1, keepdim=True))
 
-    mask = (positions > turn_start + 1) & (positions < turn_end)  # +1: skip `<|im_start|>` and the role name
-    mask &= ~image & ~torch.isin(ids, _blank_ids(ids, tokenizer)) & (turn_start >= 0) & (last_image >= 0)
+    mask = (positions >= turn_start) & (positions < turn_end) & (turn_start >= 0) & has_image
+    mask &= ~torch.isin(ids, torch.tensor(media, dtype=ids.dtype, device=ids.device))
+    mask &= ~torch.isin(ids, _blank_ids(ids, tokenizer))
     if attention_mask is not None:
         mask &= attention_mask.view_as(ids).bool()
     return mask if input_ids.dim() == 2 else mask[0]

@@ -409,9 +409,7 @@ class ManagerRuntime:
         first = hidden_states[config.vision_layers[0]]
         tokens = first.shape[1] - (1 if strategy == "default" else 0)
         crops = family.crops(self.model.config, first.shape[0], image_sizes, batch_num_images, aspect)
-        pack = None
-        if family.pack is not None and not (aspect == SQUARE and family.square_images):
-            pack = partial(family.pack, self.model, strategy=strategy, image_mode=aspect)
+        pack = family.packing(self.model, strategy, aspect)
         if pack is None:  # each crop's tokens are the image's (LLaVA-1.5, square images)
             rows, lengths = torch.arange(first.shape[0] * tokens), [tokens] * first.shape[0]
         else:

@@ -5,9 +5,9 @@
 its byte-level BPE tokenizer, trained on an embedded corpus). `llava-manager tiny DIR` writes them to a
 scratch directory and assembles them (stage 0, `llava_integration.assemble`) into DIR: the LLaVA-OneVision model and
 processor (the Qwen ChatML template, AnyRes grid pinpoints 1x1 .. 6x6) that `from_pretrained` loads.
-`--family llava` / `llava_next` writes a tiny LLaVA-1.5 / LLaVA-NeXT instead: a CLIP tower (CLS token, `default`
-select strategy, the second-to-last layer), a Llama decoder, the same tokenizer with a `USER: ... ASSISTANT:` chat
-template, and HF's LLaVA / LLaVA-NeXT processor.
+`--family llava` / `llava_next` / `llava_next_video` writes a tiny LLaVA-1.5 / LLaVA-NeXT / LLaVA-NeXT-Video instead:
+a CLIP tower (CLS token, `default` select strategy, the second-to-last layer), a Llama decoder, the same tokenizer
+with a `USER: ... ASSISTANT:` chat template, and HF's processor of that family.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .assemble import assemble, llava_onevision_config
 from .chat_template import CHAT_TEMPLATE
 from .conversion.to_hf import MEDIA_TOKENS
 from .conversion.to_hf import build_processor as build_llava_processor
+from .families import FAMILY_BY_NAME
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
@@ -182,25 +183,66 @@ VICUNA_TEMPLATE = (
 )
 
 
-def build_clip_llama_model(family: str, seed: int = 0):
-    """A tiny LLaVA-1.5 (`family` "llava") or LLaVA-NeXT ("llava_next") and its processor, in memory."""
+ONEVISION = "llava_onevision"
+CLIP_LLAMA_FAMILIES = tuple(name for name in FAMILY_BY_NAME if name != ONEVISION)  # the others: CLIP + Llama
+
+
+def clip_llama_processor(family: str, tokenizer: PreTrainedTokenizerBase, crop: int, patch: int, pinpoints: list):
+    """HF's processor of a CLIP + Llama `family` ("llava", "llava_next", "llava_next_video"): `crop` px crops of
+    `patch` px patches read with the CLS token dropped (`default`), AnyRes `pinpoints` (NeXT), the Vicuna template."""
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
         LlavaProcessor,
     )
 
-    if family not in ("llava", "llava_next"):
-        raise ValueError(f"unknown tiny family {family!r}: expected 'llava' or 'llava_next'")
-    tokenizer = build_tokenizer()
+    if family not in CLIP_LLAMA_FAMILIES:
+        raise ValueError(f"unknown CLIP + Llama family {family!r}: expected one of {', '.join(CLIP_LLAMA_FAMILIES)}")
     tokenizer.chat_template = VICUNA_TEMPLATE
+    sizes = {"size": {"shortest_edge": crop}, "crop_size": {"height": crop, "width": crop}}
+    normalise = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    reading = {"patch_size": patch, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    if family == "llava":
+        return LlavaProcessor(
+            CLIPImageProcessor(**sizes, **normalise), tokenizer, chat_template=VICUNA_TEMPLATE, **reading
+        )
+    images = LlavaNextImageProcessor(**sizes, **normalise, image_grid_pinpoints=pinpoints)
+    if family == "llava_next":
+        return LlavaNextProcessor(images, tokenizer, chat_template=VICUNA_TEMPLATE, **reading)
+    videos = LlavaNextVideoVideoProcessor(**sizes, **normalise)
+    return LlavaNextVideoProcessor(videos, images, tokenizer, chat_template=VICUNA_TEMPLATE, **reading)
+
+
+def clip_llama_config(family: str, vision, text, tokenizer: PreTrainedTokenizerBase, pinpoints: list):
+    """The model config of a CLIP + Llama `family`, with the tokenizer's `<image>` (and `<video>`) ids."""
+    from transformers import LlavaConfig, LlavaNextConfig, LlavaNextVideoConfig
+
+    common = {
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
+    }
+    if family == "llava":
+        return LlavaConfig(**common)
+    if family == "llava_next":
+        return LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
+    if family == "llava_next_video":
+        video = tokenizer.convert_tokens_to_ids("<video>")
+        return LlavaNextVideoConfig(**common, image_grid_pinpoints=pinpoints, video_token_id=video)
+    raise ValueError(f"unknown CLIP + Llama family {family!r}: expected one of {', '.join(CLIP_LLAMA_FAMILIES)}")
+
+
+def build_clip_llama_model(family: str, seed: int = 0):
+    """A tiny LLaVA-1.5 (`family` "llava"), LLaVA-NeXT ("llava_next") or LLaVA-NeXT-Video ("llava_next_video") and
+    its processor, in memory."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    tokenizer = build_tokenizer()
+    pinpoints = [[IMAGE_SIZE * rows, IMAGE_SIZE * cols] for rows in (1, 2) for cols in (1, 2)]  # up to 2x2 crops
+    processor = clip_llama_processor(family, tokenizer, IMAGE_SIZE, PATCH_SIZE, pinpoints)
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2, image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
@@ -210,41 +252,17 @@ def build_clip_llama_model(family: str, seed: int = 0):
         num_key_value_heads=2, max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )  # fmt: skip
-    common = {
-        "vision_config": vision,
-        "text_config": text,
-        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
-    }
-    sizes = {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
-    normalise = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-    reading = {"patch_size": PATCH_SIZE, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
-    pinpoints = [[IMAGE_SIZE * rows, IMAGE_SIZE * cols] for rows in (1, 2) for cols in (1, 2)]  # up to 2x2 crops
-    if family == "llava":
-        config, model_class = LlavaConfig(**common), LlavaForConditionalGeneration
-        processor = LlavaProcessor(
-            CLIPImageProcessor(**sizes, **normalise), tokenizer, chat_template=VICUNA_TEMPLATE, **reading
-        )
-    else:
-        config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
-        model_class = LlavaNextForConditionalGeneration
-        processor = LlavaNextProcessor(
-            LlavaNextImageProcessor(**sizes, **normalise, image_grid_pinpoints=pinpoints),
-            tokenizer,
-            chat_template=VICUNA_TEMPLATE,
-            **reading,
-        )
+    config = clip_llama_config(family, vision, text, tokenizer, pinpoints)
     torch.manual_seed(seed)
-    return _stops_at_end_of_turn(model_class(config).eval(), tokenizer), processor
+    model = FAMILY_BY_NAME[config.model_type].model_class(config).eval()
+    return _stops_at_end_of_turn(model, tokenizer), processor
 
 
-TINY_FAMILIES = ("llava_onevision", "llava", "llava_next")
-
-
-def write_tiny(directory: str | Path, seed: int = 0, family: str = "llava_onevision") -> Path:
+def write_tiny(directory: str | Path, seed: int = 0, family: str = ONEVISION) -> Path:
     """Write the tiny model of `family` and its processor to `directory` in HF format; return the directory. The
     LLaVA-OneVision one is a tiny SigLIP and Qwen2, written to a scratch directory and assembled (stage 0)."""
     directory = Path(directory)
-    if family == "llava_onevision":
+    if family == ONEVISION:
         with tempfile.TemporaryDirectory(prefix="tiny-unimodal-") as scratch:
             vision, llm = write_tiny_unimodal(scratch, seed)
             assemble(vision, llm, directory, grid=GRID, seed=seed)
@@ -261,7 +279,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m llava_integration
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="where to write the tiny model (a new or empty directory)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--family", choices=TINY_FAMILIES, default="llava_onevision")
+    parser.add_argument("--family", choices=list(FAMILY_BY_NAME), default=ONEVISION)
     parser.add_argument(
         "--unimodal",
         action="store_true",
@@ -269,7 +287,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m llava_integration
     )
     args = parser.parse_args(argv)
     if args.unimodal:
-        if args.family != "llava_onevision":
+        if args.family != ONEVISION:
             parser.error("--unimodal writes the LLaVA-OneVision family's SigLIP and Qwen2 only")
         vision, llm = write_tiny_unimodal(args.directory, args.seed)
         print(f"wrote the tiny SigLIP to {vision} and the tiny Qwen2 to {llm}")

@@ -18,6 +18,7 @@ from benchmarks.report import CPU_TWIN, TIMED
 from benchmarks.sizes import SIZES, build_config, build_model, build_processor
 from llava_integration import apply_manager, set_image_aspect_ratio
 from llava_integration.patch import resolve_manager_config
+from llava_manager.cli import UsageError
 from manager_plugin import ManagerConfig
 
 REPEATS = 2
@@ -64,15 +65,28 @@ def test_smoke_run_writes_the_table_json_and_plot(tmp_path):
         assert measured["mfu_train"] is None  # no accelerator peak on CPU
 
 
-@pytest.mark.parametrize("aspect", ["square", "anyres_max_9"])
-def test_analytic_flops_equal_torch_flop_counter(aspect):
-    """With eager attention every counted FLOP is a matmul or the patch convolution, as the model assumes."""
+# The image modes of each family: OneVision's two, and the one mode (None) of LLaVA-1.5, NeXT and NeXT-Video.
+FAMILY_MODES = [
+    ("llava_onevision", "square"),
+    ("llava_onevision", "anyres_max_9"),
+    ("llava", None),
+    ("llava_next", None),
+    ("llava_next_video", None),
+]
+
+
+@pytest.mark.parametrize(("family", "aspect"), FAMILY_MODES)
+def test_analytic_flops_equal_torch_flop_counter(family, aspect):
+    """With eager attention every counted FLOP is a matmul or the patch convolution, as the model assumes (CLIP's
+    class token included)."""
     size = SIZES["tiny"]
-    processor = build_processor(size)
-    config = build_config(size, processor)
+    processor = build_processor(size, family)
+    config = build_config(size, processor, family)
     base = build_model(config, "cpu", torch.float32, "eager")
-    model = set_image_aspect_ratio(apply_manager(copy.deepcopy(base)), aspect)
-    set_image_aspect_ratio(base, aspect)
+    model = apply_manager(copy.deepcopy(base))
+    if aspect is not None:
+        set_image_aspect_ratio(model, aspect)
+        set_image_aspect_ratio(base, aspect)
     batch = make_batch(processor, aspect, 2, size.default_image, size.default_text_tokens)
     work = workload(batch, config, aspect, base)
     manager = resolve_manager_config(config, ManagerConfig())
@@ -94,3 +108,36 @@ def test_05b_counts_on_the_meta_device_match_the_paper(tmp_path):
     # The issue's estimate of the floor without grid: about +2.8% of the forward.
     assert round(100 * (result["floor"]["manager"]["prefill"] - 1), 1) == 2.8
     assert "measurements" not in result and (tmp_path / "meta.md").exists()
+
+
+# Visual tokens of the one 64x64 image of the tiny size (32 px crops of 8 px patches: a 4x4 grid of 16 tokens per crop,
+# CLIP's class token dropped): LLaVA-1.5 one crop; NeXT the base view, then the 2x2 grid (64x64 fits it exactly, so
+# nothing is unpadded) as 8 rows of 8 tokens, each row closed by a newline token.
+TINY_VISUAL_TOKENS = {"llava": 16, "llava_next": 16 + 8 * (8 + 1), "llava_next_video": 16 + 8 * (8 + 1)}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_VISUAL_TOKENS))
+def test_each_family_runs_the_benchmark_at_the_tiny_size(family, tmp_path):
+    argv = ["--family", family, "--size", "tiny", "--repeats", "1", "--warmup", "0", "--decode-tokens", "2"]
+    result = main([*argv, "--generate-tokens", "2", "--threads", "1", "--no-plot", "--out", str(tmp_path)])
+
+    assert result["family"] == family and (tmp_path / f"tiny-cpu-{family}.md").exists()
+    # LLaVA-1.5's images have no grid; NeXT's always have theirs.
+    pair = {"manager": "baseline"} if family == "llava" else {"grid_manager": "grid"}
+    assert list(result["variants"]) == [*pair.values(), *pair] and list(result["floor"]) == list(pair)
+    for name, base in pair.items():
+        with_manager, without = result["variants"][name], result["variants"][base]
+        assert with_manager["params"] == without["params"] + with_manager["manager_params"] > without["params"]
+        assert with_manager["workload"]["visual_tokens"] == TINY_VISUAL_TOKENS[family]
+        assert all(floor > 1 for floor in result["floor"][name].values())
+        assert set(result["ratios"][name]) == set(TIMED) | set(CPU_TWIN.values())
+    for measured in result["measurements"].values():
+        _check_spread(measured["train_step_s"], 1)
+        assert measured["train_peak_bytes"] > 0 and measured["generate_peak_bytes"] > 0
+
+
+def test_a_variant_the_family_cannot_run_is_a_usage_error():
+    with pytest.raises(UsageError, match=r"--variants grid: --family llava runs baseline, manager"):
+        main(["--family", "llava", "--variants", "grid"])
+    with pytest.raises(UsageError, match=r"--variants baseline: --family llava_next runs grid, grid_manager"):
+        main(["--family", "llava_next", "--variants", "baseline", "grid"])

@@ -132,7 +132,7 @@ class ChatTemplate:
             target = torch.zeros_like(ids, dtype=torch.bool)
             for begin, end in spans:
                 target |= (starts >= begin) & (starts < end)
-        query = instruction_query_mask(ids, tokenizer)
+        query = instruction_query_mask(ids, tokenizer, chat_template=template)
         return Encoded(text, ids, target, query)
 
     @staticmethod
