@@ -57,13 +57,13 @@ TASK, SPLIT = "manager_tiny", "test"
 # Random weights at the default scale (0.02) generate the same token for every document; this scale makes answers
 # depend on the image and the question, so that comparing them means something. Cost does not depend on it.
 INITIALIZER_RANGE = 0.2
-# The three evaluated models; `aspect` is unused here (each model reads its checkpoint's image mode).
+# The three evaluated models; each reads its image mode from the checkpoint (aspect None).
 SUBJECTS = {
     variant.name: variant
     for variant in (
-        Variant("ours", "llava_ov_manager", "checkpoint", False),
-        Variant("ours_manager", "llava_ov_manager + manager", "checkpoint", True),
-        Variant("llava_hf", "lmms-eval llava_hf", "checkpoint", False),
+        Variant("ours", "llava_ov_manager", None, False),
+        Variant("ours_manager", "llava_ov_manager + manager", None, True),
+        Variant("llava_hf", "lmms-eval llava_hf", None, False),
     )
 }
 PAIRS = {"ours": "llava_hf", "ours_manager": "ours"}  # each time over its reference's
