@@ -47,6 +47,10 @@ def test_agreement_fails_when_answers_differ(measured):
         changed[model]["choice"][3] += 10 * throughput.LOGLIKELIHOOD_TOLERANCE
         with pytest.raises(throughput.AgreementError, match="choice"):
             throughput.check_agreement(changed, reference, documents)
+    changed = copy.deepcopy(answers)
+    changed["ours"]["generate"] = changed["llava_hf"]["generate"] = [""] * len(documents)
+    with pytest.raises(throughput.AgreementError, match="empty"):
+        throughput.check_agreement(changed, reference, documents)
     # The manager model's answers are not compared (it is another model).
     changed = copy.deepcopy(answers)
     changed["ours_manager"]["generate"][0] += "x"
