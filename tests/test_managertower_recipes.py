@@ -11,7 +11,7 @@ from transformers import AutoProcessor
 
 from manager_plugin.managertower.tiny import build_tokenizer
 from training.managertower.cli import main
-from training.managertower.collators import TaskCollator, vqa_targets
+from training.managertower.collators import TaskCollator, mask_tokens, vqa_targets
 from training.managertower.datasets import TaskDataset
 from training.managertower.readers import open_image, read_records
 from training.managertower.recipe import RecipeError, load_recipe, parse_overrides, recipe_names
@@ -87,6 +87,40 @@ def test_pretraining_batches_mask_text_and_draw_false_images(tmp_path, tokenizer
     changed = batch["mlm_input_ids"] != batch["input_ids"]
     assert not (changed & ~masked).any()
     assert (batch["mlm_input_ids"][masked] == tokenizer.mask_token_id).any()
+
+
+def test_a_samples_mask_and_false_image_follow_the_sample_and_epoch_not_the_batch(tmp_path, tokenizer):
+    """What makes 2 ranks draw as one process: a sample's MLM mask and false image are the same in any batch, at any
+    position, whatever the process generator's state; the next epoch draws new ones."""
+    root = write_synthetic("pretrain", tmp_path, num_images=4)  # 8 captions
+    records = read_records("arrow", root, ["pretrain_train"], "pretrain")
+    dataset = TaskDataset(records, build_transform("square", 32), false_image=True, seed=3)
+    collate = TaskCollator(tokenizer, "pretrain", max_text_len=16, mlm_probability=0.5)
+    torch.manual_seed(0)
+    whole = collate([dataset[i] for i in range(8)])
+    torch.manual_seed(1)
+    order = [5, 1, 6, 0, 2, 3, 4, 7]
+    parts = [collate([dataset[i] for i in order[:3]]), collate([dataset[i] for i in order[3:]])]
+    for key in ("mlm_input_ids", "mlm_labels", "false_pixel_values"):
+        assert torch.equal(torch.cat([part[key] for part in parts]), whole[key][order]), key
+    assert (whole["mlm_labels"] != -100).any()
+    dataset.set_epoch(1)
+    assert not torch.equal(collate([dataset[i] for i in range(8)])["mlm_labels"], whole["mlm_labels"])
+
+
+def test_masking_draws_bert_proportions():
+    """15% of the maskable tokens chosen; of those 80% masked, 10% random, 10% kept; nothing else touched."""
+    ids = torch.randint(10, 1000, (400, 50), generator=torch.Generator().manual_seed(0))
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    maskable[:, :5] = False
+    masked, labels = mask_tokens(ids, maskable, 4, 1000, 0.15, torch.Generator().manual_seed(1))
+    chosen = labels != -100
+    assert not chosen[:, :5].any() and torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(masked[~chosen], ids[~chosen])
+    assert chosen[:, 5:].float().mean().item() == pytest.approx(0.15, abs=0.01)  # 18,000 tokens: 3 sigma = 0.008
+    as_mask = (masked[chosen] == 4).float().mean().item()
+    kept = (masked[chosen] == ids[chosen]).float().mean().item()  # 10% kept, plus random draws of the same id (0.1%)
+    assert as_mask == pytest.approx(0.8, abs=0.025) and kept == pytest.approx(0.1, abs=0.02)
 
 
 def test_recipes_load_and_reject_bad_values():

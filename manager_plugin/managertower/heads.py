@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
@@ -263,6 +264,9 @@ class ManagerTowerForNLVR2(ManagerTowerHeadModel):
 class ManagerTowerForImageTextRetrieval(ManagerTowerHeadModel):
     """Image-text contrastive learning on the uni-modal first tokens, plus ITM on hard negatives drawn from it.
 
+    In training on several processes (`torch.distributed`), each process contrasts its samples with those of every
+    process, as the reference (its all_gather with gradients): the ITC loss and gradients of R ranks x B samples are
+    those of one process with R x B. Hard negatives come from the process's own samples, as the reference's default.
     Evaluation ranks by ITC, then re-ranks the top-k candidates by the ITM score (see `retrieval.py`).
     """
 
@@ -324,15 +328,20 @@ class ManagerTowerForImageTextRetrieval(ManagerTowerHeadModel):
         with torch.no_grad():
             self.itc_temperature.clamp_(0.001, 0.5)
         text_embeds, image_embeds = self.text_embeddings(text), self.image_embeddings(image)
-        logits_i2t = image_embeds @ text_embeds.t() / self.itc_temperature
-        logits_t2i = logits_i2t.t()
-        positives = image_ids[:, None] == image_ids[None, :]
+        all_text, all_image, all_ids, local = text_embeds, image_embeds, image_ids, slice(0, batch)
+        if self.training and dist.is_initialized() and dist.get_world_size() > 1:
+            (all_text, all_image, all_ids), local = gather_batches(text_embeds, image_embeds, image_ids)
+        # Rows: this process's samples; columns: every process's (the global batch).
+        logits_i2t = image_embeds @ all_text.t() / self.itc_temperature
+        logits_t2i = text_embeds @ all_image.t() / self.itc_temperature
+        positives = image_ids[:, None] == all_ids[None, :]
         targets = positives.to(logits_i2t.dtype)
         targets = targets / targets.sum(dim=1, keepdim=True)
         itc_loss = (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets)) / 2
 
-        negative_images = sample_hard_negatives(logits_t2i, positives)  # one image per text
-        negative_texts = sample_hard_negatives(logits_i2t, positives)  # one text per image
+        own = positives[:, local]
+        negative_images = sample_hard_negatives(logits_t2i[:, local], own)  # one image per text
+        negative_texts = sample_hard_negatives(logits_i2t[:, local], own)  # one text per image
         pair_text = torch.cat((torch.arange(batch, device=input_ids.device).repeat(2), negative_texts))
         pair_image = torch.cat((torch.arange(batch, device=input_ids.device), negative_images))
         pair_image = torch.cat((pair_image, torch.arange(batch, device=input_ids.device)))
@@ -354,6 +363,40 @@ def sample_hard_negatives(logits: torch.Tensor, positives: torch.Tensor) -> torc
     empty = weights.sum(dim=-1, keepdim=True) <= 0
     weights = torch.where(empty, torch.ones_like(weights), weights)
     return torch.multinomial(weights, 1).squeeze(-1)
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """All ranks' `(B_r, ...)` tensors concatenated; the gradient of each rank's slice is summed over the ranks (each
+    rank's loss reads every slice), so averaging the parameters' gradients over ranks differentiates the global mean."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))  # all_gather needs one shape on every rank
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> tuple[torch.Tensor, None]:
+        gradient = gradient.contiguous().clone()
+        dist.all_reduce(gradient)
+        start = sum(ctx.sizes[: ctx.rank])
+        return gradient[start : start + ctx.sizes[ctx.rank]], None
+
+
+def gather_batches(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], slice]:
+    """Every rank's batch of each tensor, concatenated in rank order (with gradients where the tensor has them), and
+    the slice that holds this rank's own rows. Batches may differ in size across ranks."""
+    first = tensors[0]
+    size = torch.tensor([first.shape[0]], device=first.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    sizes = [int(item) for item in sizes]
+    start = sum(sizes[: dist.get_rank()])
+    gathered = tuple(_GatherWithGradient.apply(tensor, sizes) for tensor in tensors)
+    return gathered, slice(start, start + first.shape[0])
 
 
 def select(encoding: UnimodalEncoding, index: torch.Tensor) -> UnimodalEncoding:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 
 def vqa_targets(samples: list[dict[str, Any]], num_labels: int) -> torch.Tensor:
@@ -48,9 +48,29 @@ TASK_LABELS: dict[str, Callable[[list[dict[str, Any]], int], dict[str, torch.Ten
 }
 
 
+def mask_tokens(
+    input_ids: torch.Tensor,
+    maskable: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking, drawn from `generator`: each `maskable` token is chosen with `probability`; a chosen token
+    becomes `mask_token_id` (80%), a random token (10%) or stays (10%). Returns the masked ids and the labels (the
+    original id where chosen, -100 elsewhere)."""
+    chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & maskable
+    action = torch.rand(input_ids.shape, generator=generator)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator)
+    masked = torch.where(chosen & (action < 0.8), mask_token_id, input_ids)
+    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    return masked, torch.where(chosen, input_ids, -100)
+
+
 @dataclass
 class TaskCollator:
-    """Collate `TaskDataset` samples into model inputs; for pre-training, also the masked text and its labels."""
+    """Collate `TaskDataset` samples into model inputs; for pre-training, also the masked text and its labels (each
+    sample's mask drawn from its `draw_seed` where it has one, so it does not depend on the batch it is in)."""
 
     tokenizer: PreTrainedTokenizerBase
     task: str
@@ -61,9 +81,8 @@ class TaskCollator:
     def __post_init__(self) -> None:
         if self.task not in TASK_LABELS:
             raise ValueError(f"unknown task {self.task!r}: expected one of {sorted(TASK_LABELS)}")
-        self._masker = None
-        if self.task == "pretrain":
-            self._masker = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability)
+        if self.task == "pretrain" and self.tokenizer.mask_token_id is None:
+            raise ValueError("pre-training masks text: the tokenizer has no mask token")
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         encoding = self.tokenizer(
@@ -71,7 +90,7 @@ class TaskCollator:
             padding="max_length",
             truncation=True,
             max_length=self.max_text_len,
-            return_special_tokens_mask=self._masker is not None,
+            return_special_tokens_mask=self.task == "pretrain",
             return_tensors="pt",
         )
         batch = {
@@ -81,10 +100,20 @@ class TaskCollator:
         }
         if "false_pixel_values" in samples[0]:
             batch["false_pixel_values"] = torch.stack([sample["false_pixel_values"] for sample in samples])
-        if self._masker is not None:
-            masked, labels = self._masker.torch_mask_tokens(
-                encoding["input_ids"].clone(), special_tokens_mask=encoding["special_tokens_mask"]
-            )
-            batch["mlm_input_ids"], batch["mlm_labels"] = masked, labels
+        if self.task == "pretrain":
+            maskable = (encoding["special_tokens_mask"] == 0) & (encoding["attention_mask"] == 1)
+            rows = [
+                mask_tokens(
+                    ids,
+                    can_mask,
+                    self.tokenizer.mask_token_id,
+                    len(self.tokenizer),
+                    self.mlm_probability,
+                    torch.Generator().manual_seed(sample["draw_seed"]) if "draw_seed" in sample else None,
+                )
+                for ids, can_mask, sample in zip(encoding["input_ids"], maskable, samples, strict=True)
+            ]
+            batch["mlm_input_ids"] = torch.stack([masked for masked, _ in rows])
+            batch["mlm_labels"] = torch.stack([labels for _, labels in rows])
         batch.update(TASK_LABELS[self.task](samples, self.num_labels))
         return batch

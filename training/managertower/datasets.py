@@ -14,16 +14,28 @@ from .readers import open_image
 
 
 class TaskDataset(Dataset):
-    """Each sample is its record with `pixel_values` in place of the image reference(s).
+    """Each sample is its record with `pixel_values` in place of the image reference(s), and its `draw_seed`.
 
     NLVR2 records carry two images (`pixel_values` (2, C, H, W)). With `false_image`, each sample also gets the image
     of a random other sample as `false_pixel_values`, for image-text matching (the reference's `draw_false_image`).
+    A sample's random draws (its false image here, its MLM mask in the collator) come from `draw_seed`, a function of
+    `seed`, the epoch and the sample's index: the same whichever rank, worker or batch reads it, new each epoch.
     """
 
-    def __init__(self, records: Any, transform: Callable, false_image: bool = False) -> None:
+    def __init__(self, records: Any, transform: Callable, false_image: bool = False, seed: int = 0) -> None:
         self.records = records
         self.transform = transform
         self.false_image = false_image
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's false images and masks (the Trainer calls it as each epoch begins)."""
+        self.epoch = epoch
+
+    def draw_seed(self, index: int) -> int:
+        """The seed of sample `index`'s random draws in the current epoch."""
+        return int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
 
     def __len__(self) -> int:
         return len(self.records)
@@ -37,8 +49,10 @@ class TaskDataset(Dataset):
         record = self.records[index]
         sample = {key: value for key, value in record.items() if key not in ("image", "images")}
         sample["pixel_values"] = self._pixels(record)
+        sample["draw_seed"] = self.draw_seed(index)
         if self.false_image:
-            sample["false_pixel_values"] = self._pixels(self.records[random.randrange(len(self.records))])
+            other = random.Random(sample["draw_seed"]).randrange(len(self.records))
+            sample["false_pixel_values"] = self._pixels(self.records[other])
         return sample
 
 

@@ -89,12 +89,12 @@ def training_arguments(recipe: ManagerTowerRecipe, output_dir: str | Path, deeps
     return TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, deepspeed=config, **settings)
 
 
-def build_dataset(recipe: ManagerTowerRecipe, split: str) -> TaskDataset:
-    """The `train` or `eval` dataset of the recipe."""
+def build_dataset(recipe: ManagerTowerRecipe, split: str, seed: int = 0) -> TaskDataset:
+    """The `train` or `eval` dataset of the recipe; `seed` seeds its per-sample draws (false images, MLM masks)."""
     data = recipe.data
     records = read_records(data["format"], data.get("root", "."), data[split], recipe.task, data.get("image_root"))
     transform = build_transform(data[f"{split}_transform"], data["image_size"])
-    return TaskDataset(records, transform, false_image=TASKS[recipe.task].false_image)
+    return TaskDataset(records, transform, false_image=TASKS[recipe.task].false_image, seed=seed)
 
 
 def build_collator(recipe: ManagerTowerRecipe, tokenizer: PreTrainedTokenizerBase, model: ManagerTowerHeadModel):
@@ -157,13 +157,14 @@ def run(
     trainer = ManagerTowerTrainer(
         model=model,
         args=args,
-        train_dataset=build_dataset(recipe, "train"),
+        train_dataset=build_dataset(recipe, "train", seed=args.seed),
         data_collator=build_collator(recipe, tokenizer, model),
         lr_multipliers=recipe.optim.get("lr_multipliers", {}),
         no_decay=recipe.optim.get("no_decay", []),
     )
     trainer.train()
     trainer.save_model(str(output_dir))
+    trainer.save_state()  # trainer_state.json: the per-step losses and gradient norms
     if not trainer.is_world_process_zero():
         return {}
     # The processor users call the model with: the tokenizer and the recipe's evaluation image transform.
