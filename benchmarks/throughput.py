@@ -1,7 +1,7 @@
 """Evaluation throughput against lmms-eval's own HF model: documents per second of our `llava_ov_manager` without and
 with a manager and of lmms-eval's `llava_hf`, on one checkpoint and the same lmms-eval requests.
 
-    python -m benchmarks throughput --size small --documents 8 --rounds 5
+    python -m benchmarks throughput --size small --documents 6 --rounds 7 --max-new-tokens 16 --threads 1
     llava-manager bench-throughput --size tiny
 
 The checkpoint is made on the fly from the benchmark size's builders (random weights, no download) and saved to a
@@ -9,9 +9,10 @@ temporary directory; the manager model is the same checkpoint with a manager mer
 `manager_tiny`'s (generated scenes); each model gets fresh lmms-eval `Instance`s with the same contexts and
 `doc_to_visual`, so only the model classes differ. Rounds run the three models interleaved document by document (the
 order rotating), for greedy generation of a fixed length and for multiple choice (one log-likelihood request per
-choice); ratios are medians of per-round ratios. Answers are checked where the models are the same: our plugin without a manager and
-`llava_hf` must generate the same strings, and our choice log-likelihoods must equal those of one full forward of
-`llava_hf`'s own prompt + continuation through its model (`check_agreement`).
+choice); ratios are medians of per-round ratios. Answers are checked where the models are the same: our plugin
+without a manager and `llava_hf` must generate the same strings, and our choice log-likelihoods must equal those of
+one full forward of `llava_hf`'s own prompt + continuation through its model (`check_agreement`). Every model runs in
+float32, on any device: the agreement check's tolerance is float32's.
 
 Writes `<out>/throughput-<size>-<device>.{json,md}` and prints the table.
 """
@@ -35,6 +36,7 @@ from lmms_eval.api.instance import Instance
 from tqdm import tqdm
 
 from eval.model import LlavaOvManager
+from eval.prompting import chat_prompt
 from eval.tiny_data import generate_documents
 from eval.tiny_task import doc_to_visual
 from llava_integration import apply_manager, prepare_inputs
@@ -132,15 +134,16 @@ def write_checkpoints(size_name: str, directory: Path, manager_type: str, seed: 
     for part in (config, config.text_config, config.vision_config):
         part.initializer_range = INITIALIZER_RANGE
     model = build_model(config, "cpu", torch.float32, "sdpa", seed=seed)
-    with torch.no_grad():  # ids the tokenizer cannot decode (vocab_size > its length) score 0 and are never picked
+    # Ids the tokenizer cannot decode (vocab_size > its length) would be greedy's picks as often as any, and decode to
+    # nothing; zero rows give them logit 0, below the best of the hundreds of decodable tokens' random logits.
+    with torch.no_grad():
         model.get_input_embeddings().weight[len(processor.tokenizer) :] = 0
         model.get_output_embeddings().weight[len(processor.tokenizer) :] = 0  # tied: the same rows
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    for name, checkpoint in (("base", model), ("manager", None)):
-        if checkpoint is None:
-            torch.manual_seed(seed)
-            checkpoint = apply_manager(copy.deepcopy(model), ManagerConfig(manager_type=manager_type))
+    torch.manual_seed(seed)
+    managed = apply_manager(copy.deepcopy(model), ManagerConfig(manager_type=manager_type))
+    for name, checkpoint in (("base", model), ("manager", managed)):
         checkpoint.save_pretrained(directory / name)
         processor.save_pretrained(directory / name)
     manager_config = resolve_manager_config(config, ManagerConfig(manager_type=manager_type))
@@ -155,8 +158,6 @@ def prefill_floor(processor, config, model, manager_config: ManagerConfig, docum
     """FLOPs of the prompts' prefill forwards with the manager over without, summed over `documents` (the prompts
     our plugin builds, images included): the ratio the manager cannot go below at prefill. Decoding and the choices'
     continuation tokens cost the same with and without it, so a whole evaluation's floor lies between 1 and this."""
-    from eval.prompting import chat_prompt
-
     aspect = image_mode_of(model)
     totals = {"with": 0, "without": 0}
     for document in documents:
@@ -212,8 +213,8 @@ class TextOnlyCallTokenizes:
 
 
 def build_subjects(checkpoints: Path, device: torch.device, attention: str, documents: list[dict]) -> list:
-    """The three lmms-eval models, fp32 on CPU (bf16 on CUDA), batch size 1 (the only one `llava_hf` generates with)."""
-    dtype = "float32" if device.type == "cpu" else "bfloat16"
+    """The three lmms-eval models in float32, batch size 1 (the only one `llava_hf` generates with)."""
+    dtype = "float32"
     ours = {"dtype": dtype, "device": str(device), "attn_implementation": attention, "batch_size": 1}
     peer = peer_class()(
         pretrained=str(checkpoints / "base"),
@@ -402,10 +403,11 @@ def run(args: argparse.Namespace, command: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="throughput-checkpoints-") as scratch:
         built = write_checkpoints(args.size, Path(scratch), args.manager_type, args.seed, documents)
         subjects = build_subjects(Path(scratch), device, args.attention, documents)
+    models = {subject.variant.name: subject.model for subject in subjects}
     answers: dict = {}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run_round(subjects, documents, args.max_new_tokens, answers, sync=sync)  # warm-up
-    agreement = check_agreement(answers, reference_choice_scores(subjects[2].model, documents), documents)
+    agreement = check_agreement(answers, reference_choice_scores(models["llava_hf"], documents), documents)
     timings: dict[str, dict[str, list[float]]] = {
         subject.variant.name: {m: [] for m in METRICS} for subject in subjects
     }
@@ -431,7 +433,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "machine": machine,
         "provenance": environment_provenance(),
         "settings": {
-            "dtype": "float32" if device.type == "cpu" else "bfloat16",
+            "dtype": "float32",
             "attention": args.attention,
             "batch_size": 1,
             "documents": len(documents),
