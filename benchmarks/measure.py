@@ -154,6 +154,16 @@ def timed_train_step(subject: Subject, sync: Callable[[], None]) -> dict[str, fl
     return {"train_step_s": end[0] - start[0], "train_step_cpu_s": end[1] - start[1]}
 
 
+def timed_prefill(subject: Subject, sync: Callable[[], None]) -> dict[str, float]:
+    """One prefill forward's wall and CPU time (no `generate` around it: the forward alone)."""
+    sync()
+    start = _clocks()
+    prefill(subject)
+    sync()
+    end = _clocks()
+    return {"prefill_s": end[0] - start[0], "prefill_cpu_s": end[1] - start[1]}
+
+
 def interleaved(
     subjects: list[Subject], repeats: int, measure: Callable[[Subject], dict[str, float]], description: str
 ) -> dict[str, dict[str, list[float]]]:

@@ -5,7 +5,7 @@ the language model receives.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -70,27 +70,82 @@ def project_layers(
     return projector(stack_layers(hidden_states, layers, select_strategy))
 
 
-def project_rows(
+def packed_layers(
     projector: nn.Module,
     hidden_states: tuple[torch.Tensor | None, ...],
     layers: list[int],
     select_strategy: str,
     rows: torch.Tensor,
-) -> torch.Tensor:
-    """The crop tokens `rows` (of `(num_crops * T)`) of the selected layers through the projector, one layer at a time
-    (the projector acts per token, so this equals selecting after projecting): `(len(rows), N, D)`."""
-    selected = None
+    offsets: torch.Tensor,
+    newline: torch.Tensor | None,
+    stacked: list[torch.Tensor] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Each selected layer's features in packed order, `(len(rows), D)`, one layer at a time: at each crop token
+    `rows[i]` (a host tensor, of `(num_crops * T)`) layer n through the projector plus `offsets[n]` (the layer
+    embedding), at each -1 (a newline token) `newline`.
+
+    The projector acts per token, so projecting only the kept rows equals packing after projecting. Given a list
+    `stacked`, layer n is written into slab n of a layer-major `(N, len(rows), D)` buffer appended to it (made like
+    the first projected layer: its dtype, its device). Otherwise layer n is the projector's rows themselves when
+    packing keeps them in order, else one scratch `(len(rows), D)` reused by every layer (read each layer before
+    asking for the next; not for autograd).
+    """
+    is_newline = rows < 0  # host tensors: no device sync
+    kept = rows[~is_newline]
+    placed = (~is_newline).nonzero().squeeze(1) if bool(is_newline.any()) else None
+    newlines = is_newline.nonzero().squeeze(1)
+    kept_on_device, placed_on_device, scratch = None, None, None
     for n, hidden in enumerate(_selected(hidden_states, layers, select_strategy)):
-        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device, non_blocking=True))
-        projected = projector(flat)
-        if selected is None:
-            selected = projected.new_empty((rows.numel(), len(layers), projected.shape[-1]))
-        selected[:, n] = projected
-    return selected
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if n == 0:
+            every = kept.numel() == flat.shape[0] and bool((kept == torch.arange(kept.numel())).all())
+            kept_on_device = None if every else kept.to(flat.device, non_blocking=True)  # None: all rows, in order
+            if placed is not None:
+                placed_on_device = placed.to(flat.device, non_blocking=True)
+                newlines = newlines.to(flat.device, non_blocking=True)
+        projected = projector(flat if kept_on_device is None else flat.index_select(0, kept_on_device))
+        layer = projected + offsets[n].to(projected.dtype)
+        if stacked is None and placed is None:
+            yield layer
+            continue
+        if stacked is not None and not stacked:
+            stacked.append(layer.new_empty((len(layers), rows.numel(), layer.shape[-1])))
+        target = stacked[0][n] if stacked is not None else scratch
+        if target is None:
+            target = scratch = layer.new_empty((rows.numel(), layer.shape[-1]))
+        if placed is None:
+            target.copy_(layer)
+        else:
+            if target is not scratch or n == 0:  # a fresh layer of the buffer, or the scratch's first use
+                target[newlines] = newline.to(target.dtype)
+            target.index_copy_(0, placed_on_device, layer)
+        yield target
+
+
+def project_packed(
+    projector: nn.Module,
+    hidden_states: tuple[torch.Tensor | None, ...],
+    layers: list[int],
+    select_strategy: str,
+    rows: torch.Tensor,
+    offsets: torch.Tensor,
+    newline: torch.Tensor | None,
+) -> torch.Tensor:
+    """`packed_layers` stacked, `(len(rows), N, D)`: a layer-major `(N, V, D)` buffer, each layer written once and
+    contiguous (how the managers read it), returned transposed."""
+    stacked = []
+    for _ in packed_layers(projector, hidden_states, layers, select_strategy, rows, offsets, newline, stacked):
+        pass
+    return stacked[0].transpose(0, 1)
 
 
 def pack_like_main_feature(
-    model: nn.Module, experts: torch.Tensor, image_sizes: torch.Tensor, crops: list[int], pack: Packing | None
+    model: nn.Module,
+    experts: torch.Tensor,
+    image_sizes: torch.Tensor,
+    crops: list[int],
+    pack: Packing | None,
+    packing: tuple[torch.Tensor | None, list[int]] | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Pack `(num_crops, T, N, D)` per-layer features exactly as HF packs the main feature with `pack`.
 
@@ -98,12 +153,12 @@ def pack_like_main_feature(
     tokens. All of these act on each channel alone, so the N layers fold into the channel axis and go through that
     same public method; every layer's newline token is the model's `image_newline`. Without `pack` (LLaVA-1.5,
     square images) each crop's tokens are the image's, with no newline token. Returns `(num_visual_tokens, N, D)`
-    and the tokens per image.
+    and the tokens per image. `packing` is `packed_rows`' answer for these shapes when the caller has it.
     """
     num_crops, tokens, layers, hidden = experts.shape
     if pack is None:
         return experts.reshape(num_crops * tokens, layers, hidden), [tokens] * num_crops
-    rows, lengths = packed_rows(image_sizes, crops, tokens, pack)
+    rows, lengths = packed_rows(image_sizes, crops, tokens, pack) if packing is None else packing
     if rows is not None:
         # Packing only selected and reordered tokens: one gather of the N-layer features instead of HF's four
         # copies of them (stitch, newline, base view, images), then the newline rows.
@@ -159,11 +214,11 @@ def video_features(
     return experts.reshape(-1, *experts.shape[2:]), [experts.shape[1]] * num_videos
 
 
-def grid_selection(lengths: list[int], base_tokens: int, grid_type: str, device: torch.device) -> torch.Tensor | None:
-    """Which packed tokens the manager serves: all, the base view's (`main`), or the rest (`grid`)."""
+def grid_selection(lengths: list[int], base_tokens: int, grid_type: str) -> torch.Tensor | None:
+    """Which packed tokens the manager serves, as a host mask: all (None), the base view's (`main`), or the rest
+    (`grid`). Computed from the host's token counts: no device work, no sync."""
     if grid_type == "all":
         return None
-    lengths_t = torch.tensor(lengths, device=device)
-    starts = torch.cumsum(lengths_t, 0) - lengths_t
-    offset = torch.arange(int(lengths_t.sum()), device=device) - torch.repeat_interleave(starts, lengths_t)
+    lengths_t = torch.tensor(lengths)
+    offset = torch.arange(sum(lengths)) - torch.repeat_interleave(torch.cumsum(lengths_t, 0) - lengths_t, lengths_t)
     return offset < base_tokens if grid_type == "main" else offset >= base_tokens

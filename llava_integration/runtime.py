@@ -37,9 +37,10 @@ from .features import (
     base_views,
     grid_selection,
     pack_like_main_feature,
+    packed_layers,
     packed_rows,
     project_layers,
-    project_rows,
+    project_packed,
     stack_layers,
     video_features,
 )
@@ -54,6 +55,8 @@ _IMAGE_EXTRAS = ("image_sizes", "vision_aspect_ratio", "batch_num_images")
 # a stale encoding is recognised instead of read as another one's rows.
 _SERIAL_SHIFT = 32
 _ROW_MASK = (1 << _SERIAL_SHIFT) - 1
+_UNSERVED = _ROW_MASK  # the row id of a visual token the manager does not serve (grid_type "main" / "grid")
+_PACKINGS_KEPT = 64  # packing indices a runtime keeps, one per distinct set of image sizes
 
 
 @dataclass
@@ -83,6 +86,7 @@ class _Encoding:
     features: _Features
     output: ImageFeaturesWithManager
     row_ids: list[torch.Tensor]  # the list handed out in `output.deepstack_features`
+    partial: bool = False  # some visual tokens are not served: their row id is `_UNSERVED`
     consumed: int = 0
 
     def total_rows(self) -> int:
@@ -98,9 +102,11 @@ class _ForwardState:
     query_outside: torch.Tensor | None = None  # (B,): the sample's query tokens reach outside this forward
     features: dict[str, _Features] = field(default_factory=dict)  # modality -> features in placeholder order
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (V_m,) rows read by id (not identity)
+    managed: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> which visual tokens are served
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (B, T) placeholder mask
     all_visual: bool = True  # this forward holds every visual token of its batch (no chunked prefill split them)
-    positions: torch.Tensor | None = None  # (V,) flat indices into B * T, in sequence order
+    positions: torch.Tensor | None = None  # (V,) flat indices into B * T of the served tokens, in sequence order
+    visual_positions: torch.Tensor | None = None  # every visual token's, where some are not served
     order: torch.Tensor | None = None  # (V,) sequence order of the modalities' concatenated rows; None: one modality
     experts: torch.Tensor | None = None  # adaptive managers: (V, N, D) aligned with `positions`
     adaptive: dict = field(default_factory=dict)  # adaptive managers: per-forward query layout
@@ -122,6 +128,7 @@ class ManagerRuntime:
         self._replaced: dict[str, object] = {}
         self._original = {}
         self._image_extras: list[str] = []  # the `_IMAGE_EXTRAS` the wrapped get_image_features takes
+        self._packings: dict[tuple, tuple[torch.Tensor | None, list[int]]] = {}  # image shapes -> `packed_rows`
 
     # -- installation --------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -216,8 +223,14 @@ class ManagerRuntime:
         state.all_visual = state.all_visual and ids.numel() == total
         features = encoding.features
         state.features[modality] = dict(features) if isinstance(features, dict) else features
-        if carried[0] is not encoding.row_ids:  # expanded for beams or sliced for a chunk: not the identity
-            state.rows[modality] = ids & _ROW_MASK
+        identity = carried[0] is encoding.row_ids  # else expanded for beams or sliced for a chunk
+        rows = ids & _ROW_MASK
+        if encoding.partial:
+            served = rows != _UNSERVED
+            state.managed[modality] = served
+            rows = rows[served]
+        if not identity:
+            state.rows[modality] = rows
         encoding.consumed += ids.numel()
         if encoding.consumed >= total:  # the prefill has read every row: generate's kwargs no longer pin them
             encoding.output.deepstack_features = None
@@ -305,10 +318,10 @@ class ManagerRuntime:
             )
         if not manager_layers:
             return outputs
-        experts, lengths = self._manager_features(
+        experts, lengths, managed = self._manager_features(
             outputs.hidden_states, image_sizes, batch_num_images, strategy, aspect
         )
-        return self._hand_over("image", outputs, experts, lengths, feature_layer, caller_wants_hidden_states)
+        return self._hand_over("image", outputs, experts, lengths, feature_layer, caller_wants_hidden_states, managed)
 
     def get_video_features(
         self,
@@ -344,12 +357,16 @@ class ManagerRuntime:
         self,
         modality: str,
         outputs,
-        experts: torch.Tensor,
+        experts: _Features,
         lengths: list[int],
         feature_layer: int | list[int],
         caller_wants_hidden_states: bool,
+        managed: torch.Tensor | None = None,
     ) -> ImageFeaturesWithManager:
-        """Inside a forward, give the features to its state; outside (generate), keep them and hand out row ids."""
+        """Inside a forward, give the features to its state; outside (generate), keep them and hand out row ids.
+
+        `experts` holds the served visual tokens only; `managed` (host, one entry per visual token) says which those
+        are, None when all are."""
         if not caller_wants_hidden_states:  # keep only what HF's own call keeps: the main feature's layer(s)
             count = len(outputs.hidden_states)
             keep = {layer % count for layer in (feature_layer if isinstance(feature_layer, list) else [feature_layer])}
@@ -360,26 +377,39 @@ class ManagerRuntime:
         del experts  # static managers: only their deltas stay alive
         if self._state is not None:  # inside a forward: the injection hooks read the features directly
             self._state.features[modality] = features
+            if managed is not None:
+                self._state.managed[modality] = managed
             return ImageFeaturesWithManager(**outputs)
-        return self._issue(modality, ImageFeaturesWithManager(**outputs), features, lengths)
+        return self._issue(modality, ImageFeaturesWithManager(**outputs), features, lengths, managed)
 
-    def _prepare(self, experts: torch.Tensor) -> _Features:
-        """Static managers add what does not depend on the stream: every injection layer's delta, computed now."""
-        if self.managers.needs_state:
+    def _prepare(self, experts: _Features) -> _Features:
+        """Static managers add what does not depend on the stream: every injection layer's delta, computed now (or
+        already, layer by layer, by `_manager_features`)."""
+        if self.managers.needs_state or isinstance(experts, dict):
             return experts
         return {layer: self.managers(layer, experts) for layer in self.managers.config.injection_layers}
 
     def _issue(
-        self, modality: str, output: ImageFeaturesWithManager, features: _Features, lengths: list[int]
+        self,
+        modality: str,
+        output: ImageFeaturesWithManager,
+        features: _Features,
+        lengths: list[int],
+        managed: torch.Tensor | None,
     ) -> ImageFeaturesWithManager:
         """Hand out row ids of the features for `generate` to expand and slice; the runtime keeps the features."""
         self._serial += 1
         first = features if isinstance(features, torch.Tensor) else next(iter(features.values()))
-        rows = torch.arange(first.shape[0], device=first.device)
+        if managed is None:
+            rows = torch.arange(first.shape[0], device=first.device)
+        else:  # one id per visual token; those the manager does not serve point at no row
+            rows = torch.full(managed.shape, _UNSERVED, dtype=torch.long)
+            rows[managed] = torch.arange(first.shape[0])
+            rows = rows.to(first.device, non_blocking=True)
         ids = (rows | (self._serial << _SERIAL_SHIFT))[:, None]
         row_ids = list(torch.split(ids, lengths))
         output.deepstack_features = [row_ids]
-        self._encodings[modality] = _Encoding(self._serial, features, output, row_ids)
+        self._encodings[modality] = _Encoding(self._serial, features, output, row_ids, partial=managed is not None)
         return output
 
     def _square_image_features(
@@ -401,46 +431,76 @@ class ManagerRuntime:
         batch_num_images: torch.Tensor | None,
         strategy: str,
         aspect: str | None,
-    ) -> tuple[torch.Tensor, list[int]]:
-        """`(V, N, D)` features of every image token and the tokens per image; zero at unmanaged tokens."""
+    ) -> tuple[_Features, list[int], torch.Tensor | None]:
+        """`(V_served, N, D)` features of the image tokens the manager serves (static managers at inference: each
+        injection layer's `(V_served, D)` delta), the tokens per image, and which visual tokens those are (a host mask
+        over all of them; None: every one)."""
         config = self.managers.config
         projector = self.family.part(self.model, "projector")
         family = self.family
         first = hidden_states[config.vision_layers[0]]
         tokens = first.shape[1] - (1 if strategy == "default" else 0)
-        crops = family.crops(self.model.config, first.shape[0], image_sizes, batch_num_images, aspect)
+        # Every shape computation below reads one host copy of the sizes (none is made when they are on the host).
+        sizes = None if image_sizes is None else image_sizes.cpu()
+        crops = family.crops(self.model.config, first.shape[0], sizes, batch_num_images, aspect)
         pack = family.packing(self.model, strategy, aspect)
         if pack is None:  # each crop's tokens are the image's (LLaVA-1.5, square images)
             rows, lengths = torch.arange(first.shape[0] * tokens), [tokens] * first.shape[0]
         else:
-            rows, lengths = packed_rows(image_sizes, crops, tokens, pack)
-        if rows is not None:  # packing only selects crop tokens: project those only, one layer at a time
-            experts = self._packed_experts(projector, hidden_states, strategy, rows)
-        else:  # some image downsampled (packing mixes tokens): project every token, then pack
+            rows, lengths = self._packing(sizes, crops, tokens, pack, strategy, aspect)
+        managed = grid_selection(lengths, tokens, config.grid_type)
+        if rows is not None:  # packing only selects crop tokens: the served ones
+            served = rows if managed is None else rows[managed]
+        elif config.grid_type == "main":  # base views are never downsampled: each image's first crop, in order
+            starts = torch.tensor([0, *crops[:-1]]).cumsum(0) * tokens
+            served = (starts[:, None] + torch.arange(tokens)).reshape(-1)
+        else:
+            served = None
+        newline = getattr(self.model, "image_newline", None)  # LLaVA-1.5 and square images have no newline token
+        embedding = self.managers.layer_embedding.weight  # added layer by layer
+        if served is not None and self.managers.sums_layer_by_layer:
+            # Static managers at inference: every injection layer's delta summed layer by layer, no (V, N, D) stack.
+            layers = packed_layers(projector, hidden_states, config.vision_layers, strategy, served, embedding, newline)
+            return self.managers.static_deltas(layers), lengths, managed
+        if served is not None:  # project the served crop tokens only, one layer at a time
+            experts = project_packed(
+                projector,
+                hidden_states,
+                config.vision_layers,
+                strategy,
+                served,
+                embedding,
+                newline,
+            )
+        else:  # some image downsampled (packing mixes tokens): project every token, pack, keep the served tokens
             projected = project_layers(projector, hidden_states, config.vision_layers, strategy)
             experts = self.managers.layer_embedding(projected)
             del projected
-            experts, lengths = pack_like_main_feature(self.model, experts, image_sizes, crops, pack)
-        managed = grid_selection(lengths, tokens, config.grid_type, experts.device)
-        if managed is not None:
-            # Zeroed features give an exactly zero delta there, and keep the features token-aligned for generate().
-            experts = experts * managed[:, None, None].to(experts.dtype)
-        return experts, lengths
+            experts, lengths = pack_like_main_feature(self.model, experts, sizes, crops, pack, (rows, lengths))
+            if managed is not None:
+                experts = experts.index_select(0, managed.nonzero().squeeze(1).to(experts.device, non_blocking=True))
+        return experts, lengths, managed
 
-    def _packed_experts(
-        self, projector: nn.Module, hidden_states: tuple, strategy: str, rows: torch.Tensor
-    ) -> torch.Tensor:
-        """`(V, N, D)` in packed order from the crop tokens packing keeps (`rows`, -1 for a newline token)."""
-        newline = rows < 0  # host tensors: no device sync
-        kept = self.managers.layer_embedding(
-            project_rows(projector, hidden_states, self.managers.config.vision_layers, strategy, rows[~newline])
+    def _packing(
+        self, sizes: torch.Tensor, crops: list[int], tokens: int, pack, strategy: str, aspect: str | None
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """`packed_rows` for these image shapes, found once per distinct set of sizes (the model's packing settings
+        are part of the key) and reused by later forwards."""
+        config = self.model.config
+        key = (
+            strategy,
+            aspect,
+            tokens,
+            tuple(crops),
+            tuple(map(tuple, sizes.tolist())),
+            repr(getattr(config, "image_grid_pinpoints", None)),
+            config.vision_config.image_size,
         )
-        if not bool(newline.any()):  # LLaVA-1.5 and square images have no newline token (nor image_newline)
-            return kept
-        experts = kept.new_empty((rows.numel(), *kept.shape[1:]))
-        experts[(~newline).to(kept.device, non_blocking=True)] = kept
-        experts[newline.to(kept.device, non_blocking=True)] = self.model.image_newline.to(kept.dtype)
-        return experts
+        packing = self._packings.pop(key, None) or packed_rows(sizes, crops, tokens, pack)
+        self._packings[key] = packing  # the most recently used last
+        if len(self._packings) > _PACKINGS_KEPT:
+            del self._packings[next(iter(self._packings))]
+        return packing
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
         """HF's `get_placeholder_mask`; the masks of the features given are kept for the injection hooks."""
@@ -497,33 +557,39 @@ class ManagerRuntime:
         return state.experts
 
     def _positions(self, state: _ForwardState, hidden: torch.Tensor) -> torch.Tensor:
-        """Flat positions of the managed tokens, in sequence order; the merged features are aligned with them."""
+        """Flat positions of the served tokens, in sequence order; the merged features are aligned with them."""
         if state.positions is None:
-            positions = []
+            positions, visual = [], []
             for modality, features in state.features.items():
                 if modality not in state.masks:
                     raise RuntimeError(
                         f"the manager's {modality} features were captured but HF's {modality} mask was not"
                     )
-                found = state.masks[modality].reshape(-1).nonzero().squeeze(1)
+                found = state.masks[modality].reshape(-1).nonzero().squeeze(1).to(hidden.device)
+                managed = state.managed.get(modality)
                 rows = state.rows.get(modality)
-                if rows is None:
+                if managed is not None:
+                    count, what = managed.numel(), "visual tokens (served or not)"
+                elif rows is None:
                     first = features if isinstance(features, torch.Tensor) else next(iter(features.values()))
-                    count = first.shape[0]
+                    count, what = first.shape[0], "tokens"
                 else:
-                    count = rows.numel()
+                    count, what = rows.numel(), "tokens"
                 if found.numel() != count:
                     raise RuntimeError(
-                        f"the manager has features of {count} {modality} tokens but the sequence holds "
+                        f"the manager has features of {count} {modality} {what} but the sequence holds "
                         f"{found.numel()} {modality} placeholder tokens"
                     )
-                positions.append(found.to(hidden.device))
+                visual.append(found)
+                positions.append(found if managed is None else found[managed.to(found.device)])
             if len(positions) == 1:
                 state.positions = positions[0]
             else:  # images and videos: one sequence order
                 merged = torch.cat(positions)
                 state.order = torch.argsort(merged)
                 state.positions = merged[state.order]
+            if state.managed:  # an adaptive manager's fallback query is every visual token, served or not
+                state.visual_positions = torch.sort(torch.cat(visual)).values
         return state.positions
 
     def _adaptive_delta(
@@ -552,11 +618,11 @@ class ManagerRuntime:
 
     @staticmethod
     def _query_layout(state: _ForwardState, positions: torch.Tensor, batch_size: int, seq_len: int) -> dict:
-        """Flat positions of each sample's query tokens (its instruction, else its managed visual tokens), and which
-        of them each managed token reads."""
+        """Flat positions of each sample's query tokens (its instruction, else its visual tokens), and which of them
+        each served token reads."""
         device = positions.device
         visual = torch.zeros(batch_size * seq_len, dtype=torch.bool, device=device)
-        visual[positions] = True
+        visual[positions if state.visual_positions is None else state.visual_positions] = True
         visual = visual.view(batch_size, seq_len)
         if state.query_mask is None:
             query, fallback = visual, torch.ones(batch_size, dtype=torch.bool, device=device)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .ops import multiplicative_jitter, weighted_layer_sum
+from .ops import accumulated_layer_sum, multiplicative_jitter, weighted_layer_sum
 
 
 class Manager(nn.Module):
@@ -66,6 +66,18 @@ class StaticManager(Manager):
 
     def expert_weights(self, state=None, query=None, query_mask=None) -> torch.Tensor:
         return self.layer_weights
+
+    def forward(
+        self,
+        experts: torch.Tensor,
+        state: torch.Tensor | None = None,
+        query: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.training:  # jittered weights, and the product then sum that trains fastest (ops.weighted_layer_sum)
+            return super().forward(experts, state, query, query_mask)
+        self.check_experts(experts)
+        return accumulated_layer_sum(experts, self.layer_weights)
 
 
 class QueryAttention(nn.Module):

@@ -18,6 +18,26 @@ def weighted_layer_sum(experts: torch.Tensor, weights: torch.Tensor) -> torch.Te
     return (experts * weights).sum(dim=-2)
 
 
+def accumulated_layer_sum(experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`sum_n weights[n] * experts[..., n, :]` for `(N, D)` weights, accumulated layer by layer (inference).
+
+    No `(..., N, D)` product is materialised: one read of the experts, the `(..., D)` sum staying in cache. 3x faster
+    than the product then sum at 3,699 tokens x 13 layers x 224 channels on one CPU thread (benchmarks/NOTES.md).
+    """
+    total = None
+    for n in range(experts.shape[-2]):
+        total = fold_layer(total, experts[..., n, :], weights[n])
+    return total
+
+
+def fold_layer(total: torch.Tensor | None, expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One step of a layer-by-layer weighted sum: `total + weight * expert`, in place (`weight * expert` first)."""
+    weight = weight.to(expert.dtype)
+    if total is None:
+        return expert * weight
+    return total.addcmul_(expert, weight)  # in place: mul's backward needs its inputs, not its output
+
+
 def multiplicative_jitter(x: torch.Tensor, epsilon: float) -> torch.Tensor:
     """`x` times elementwise noise drawn from U(1 - epsilon, 1 + epsilon), with mean 1 whatever `x`'s dtype."""
     if epsilon == 0:

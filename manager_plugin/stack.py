@@ -6,11 +6,14 @@ vision layers of the managed tokens and returns what to add to the stream enteri
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from .config import ManagerConfig
 from .managers import StaticManager, build_manager
+from .ops import fold_layer
 
 
 class LayerEmbedding(nn.Module):
@@ -65,6 +68,28 @@ class LayerManagers(nn.Module):
     def reads_query(self) -> bool:
         """Whether any manager reads query tokens (adaptive_last / average / cross), not only the managed tokens."""
         return any(getattr(manager, "query_type", None) is not None for manager in self.managers)
+
+    @property
+    def sums_layer_by_layer(self) -> bool:
+        """Whether `static_deltas` applies: static managers, at inference, their weights at hand (reading them outside
+        the managers' forwards is not safe under ZeRO-3, which gathers them only there)."""
+        partitioned = any(hasattr(parameter, "ds_id") for parameter in self.parameters())
+        return not (self.needs_state or self.training or partitioned)
+
+    def static_deltas(self, expert_layers: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """What every injection layer adds, from the N expert layers `(..., D)` given one at a time, in order (static
+        managers, inference): each layer is folded into the sums of the managers that read it and can then be dropped,
+        so the `(..., N, D)` stack is never built. Equals `self(layer, stack)` of every injection layer."""
+        if not self.sums_layer_by_layer:
+            raise RuntimeError(
+                "static_deltas serves static managers at inference (no jitter, no stream state, no ZeRO-3 partitions)"
+            )
+        deltas: dict[int, torch.Tensor] = {}
+        for n, expert in enumerate(expert_layers):
+            for layer, manager in zip(self.config.injection_layers, self.managers):
+                if n < manager.num_experts:  # decoder layer 0 reads every layer but the last
+                    deltas[layer] = fold_layer(deltas.get(layer), expert, manager.layer_weights[n])
+        return deltas
 
     def forward(
         self,

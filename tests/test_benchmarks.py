@@ -141,3 +141,22 @@ def test_a_variant_the_family_cannot_run_is_a_usage_error():
         main(["--family", "llava", "--variants", "grid"])
     with pytest.raises(UsageError, match=r"--variants baseline: --family llava_next runs grid, grid_manager"):
         main(["--family", "llava_next", "--variants", "baseline", "grid"])
+
+
+def test_prefill_run_gives_per_round_ratios_against_the_floor(tmp_path):
+    from benchmarks.prefill import main as prefill_main
+
+    rounds = 3
+    result = prefill_main(["--size", "tiny", "--rounds", str(rounds), "--warmup", "0", "--out", str(tmp_path)])
+
+    assert json.loads((tmp_path / "tiny-prefill-cpu.json").read_text()) == json.loads(json.dumps(result))
+    table = (tmp_path / "tiny-prefill-cpu.md").read_text()
+    assert result["machine"]["torch_threads"] == 1 and result["machine"]["load_average_after"] is not None
+    for name, base in MANAGER_PAIRS.items():
+        assert f"| {VARIANTS[name].label} / {VARIANTS[base].label} |" in table
+        assert result["floor"][name] > 1
+        for metric in ("prefill_s", "prefill_cpu_s"):
+            ours, theirs = result["timings"][name][metric]["values"], result["timings"][base][metric]["values"]
+            assert len(ours) == len(theirs) == rounds
+            per_round = sorted(a / b for a, b in zip(ours, theirs))
+            assert result["ratios"][name][metric]["median"] == pytest.approx(per_round[rounds // 2])

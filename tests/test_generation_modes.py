@@ -71,6 +71,8 @@ def assert_same_output(actual, expected, exact=True):
 
 # Grid images with both managers; square images (no grid, no newline tokens) with the static one.
 CASES = [("static", "anyres_max_9"), ("adaptive_last", "anyres_max_9"), ("static", "square")]
+# Managers of the base views' or the grids' tokens only: the others carry no features through generate.
+GRID_TYPE_CASES = [("static", "anyres_max_9", "grid"), ("adaptive_last", "anyres_max_9", "main")]
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -115,10 +117,15 @@ def chunk_size(manager_type, inputs, query, image_token_id):
     return MODES["chunked"]["prefill_chunk_size"]  # per-token managers: any chunking, here through the images
 
 
-@pytest.mark.parametrize("manager_type, aspect", [*CASES, ("adaptive", "anyres_max_9")])
-def test_chunked_prefill_gives_the_tokens_and_logits_of_one_prefill(tiny_model, tiny_processor, manager_type, aspect):
+@pytest.mark.parametrize(
+    "manager_type, aspect, grid_type",
+    [*((*case, "all") for case in CASES), ("adaptive", "anyres_max_9", "all"), *GRID_TYPE_CASES],
+)
+def test_chunked_prefill_gives_the_tokens_and_logits_of_one_prefill(
+    tiny_model, tiny_processor, manager_type, aspect, grid_type
+):
     inputs, query = batch(tiny_model, tiny_processor, aspect)
-    apply_manager(tiny_model, ManagerConfig(manager_type=manager_type))
+    apply_manager(tiny_model, ManagerConfig(manager_type=manager_type, grid_type=grid_type))
     randomise_managers(tiny_model)
     whole = generate(tiny_model, tiny_processor, inputs, query, do_sample=False)
     size = chunk_size(manager_type, inputs, query, tiny_model.config.image_token_id)
@@ -136,10 +143,12 @@ def test_chunked_prefill_that_splits_a_query_from_its_images_is_refused(tiny_mod
         generate(tiny_model, tiny_processor, inputs, None, do_sample=False, prefill_chunk_size=9)
 
 
-@pytest.mark.parametrize("manager_type, aspect", CASES)
-def test_beam_scores_are_the_log_probabilities_of_full_forward_passes(tiny_model, tiny_processor, manager_type, aspect):
+@pytest.mark.parametrize("manager_type, aspect, grid_type", [*((*case, "all") for case in CASES), *GRID_TYPE_CASES])
+def test_beam_scores_are_the_log_probabilities_of_full_forward_passes(
+    tiny_model, tiny_processor, manager_type, aspect, grid_type
+):
     inputs, query = batch(tiny_model, tiny_processor, aspect)
-    apply_manager(tiny_model, ManagerConfig(manager_type=manager_type))
+    apply_manager(tiny_model, ManagerConfig(manager_type=manager_type, grid_type=grid_type))
     randomise_managers(tiny_model)
     output = generate(tiny_model, tiny_processor, inputs, query, **MODES["beam"])
     sequences = output.sequences
@@ -183,10 +192,10 @@ def test_manager_features_are_freed_after_the_prefill(tiny_model, tiny_processor
     issued, alive = [], []
     issue = runtime._issue
 
-    def watched_issue(modality, output, features, lengths):  # static: a delta per layer; adaptive: the N layers
+    def watched_issue(modality, output, features, *placement):  # static: a delta per layer; adaptive: the N layers
         tensors = features.values() if isinstance(features, dict) else [features]
         issued.extend(weakref.ref(tensor) for tensor in tensors)
-        return issue(modality, output, features, lengths)
+        return issue(modality, output, features, *placement)
 
     def at_decode_steps(module, args, kwargs):
         if kwargs.get("mm_encoder_outputs") is None and kwargs.get("pixel_values") is None:

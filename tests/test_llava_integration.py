@@ -506,3 +506,64 @@ def test_square_images_and_videos_share_a_batch(tiny_model, tiny_processor):
     delta = streams_entering(tiny_model, inputs, [0], False)[0] - streams_entering(tiny_model, inputs, [0], True)[0]
     visual = (ids == tiny_model.config.image_token_id) | (ids == tiny_model.config.video_token_id)
     assert torch.equal(delta.abs().amax(-1) > 0, visual)
+
+
+# A grid image kept whole (unpadded, not downsampled) with a text-only sample and a multi-image sample (base views
+# only), and a grid bilinearly downsampled by anyres_max_9.
+GRID_TYPE_SAMPLES = {"kept": [[(33, 200)], [], [(40, 70), (64, 64)]], "downsampled": [[(190, 190)]]}
+
+
+@pytest.mark.parametrize("samples", list(GRID_TYPE_SAMPLES))
+@pytest.mark.parametrize("grid_type", ["main", "grid"])
+def test_grid_type_main_and_grid_project_only_the_tokens_they_serve(tiny_model, tiny_processor, grid_type, samples):
+    """The served tokens get the formula's delta, the others exactly nothing, and only served crop tokens reach the
+    projector for the manager (all crop tokens where a grid was downsampled: packing mixes them)."""
+    aspect = "anyres_max_9"
+    inputs = make_inputs(tiny_processor, aspect, GRID_TYPE_SAMPLES[samples])
+    inner, vision = tiny_model.model, tiny_model.config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2
+    with torch.no_grad():  # HF's own packed main feature: its newline tokens are `image_newline` exactly
+        packed = inner.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"], batch_num_images=inputs["batch_num_images"]
+        ).pooler_output
+    served, newline, all_crop_tokens = [], [], 0
+    for image, (size, count) in enumerate(
+        zip(inputs["image_sizes"], inputs["batch_num_images"].repeat_interleave(inputs["batch_num_images"]))
+    ):
+        offset = torch.arange(packed[image].shape[0])
+        served.append(offset < tokens if grid_type == "main" else offset >= tokens)
+        newline.append((packed[image] == inner.image_newline).all(-1))
+        crops = (
+            1
+            if count > 1
+            else image_size_to_num_patches(size, tiny_model.config.image_grid_pinpoints, vision.image_size)
+        )
+        all_crop_tokens += crops * tokens
+    served, newline = torch.cat(served), torch.cat(newline)
+
+    config = ManagerConfig(vision_layers=[1, 3, 5, 6], injection_layers=[0, 2, 5], grid_type=grid_type)
+    apply_manager(tiny_model, config)
+    randomise_managers(tiny_model)
+    rows = []
+    hook = inner.multi_modal_projector.register_forward_hook(
+        lambda module, args, output: rows.append(args[0].shape[:-1].numel())
+    )
+    try:
+        before = streams_entering(tiny_model, inputs, config.injection_layers, before_manager=True)
+    finally:
+        hook.remove()
+    after = streams_entering(tiny_model, inputs, config.injection_layers, before_manager=False)
+    manager_rows = sum(rows) - all_crop_tokens  # the main feature projects every crop token once
+    downsampled = samples == "downsampled"
+    expected_rows = all_crop_tokens if downsampled and grid_type == "grid" else int((served & ~newline).sum())
+    assert manager_rows == len(config.vision_layers) * expected_rows
+
+    features = reference_visual_features(tiny_model, inputs, config.vision_layers, aspect)
+    image = inputs["input_ids"] == tiny_model.config.image_token_id
+    for slot, layer in enumerate(config.injection_layers):
+        weights = inner.manager.managers[slot].layer_weights.detach()
+        expected = (features[:, : weights.shape[0]] * weights).sum(dim=1) * served[:, None]
+        delta = after[layer] - before[layer]
+        torch.testing.assert_close(delta[image], expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(delta[image][~served], torch.zeros_like(delta[image][~served]))
+        assert torch.equal(delta[~image], torch.zeros_like(delta[~image]))

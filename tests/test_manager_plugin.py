@@ -197,3 +197,19 @@ def test_layer_zero_manager_is_static_and_ignores_the_last_selected_layer():
     assert not torch.allclose(
         managers(2, experts[None], state=state[None]), managers(2, changed[None], state=state[None])
     )
+
+
+def test_static_deltas_layer_by_layer_equal_each_injection_layers_weighted_sum():
+    config = ManagerConfig(vision_layers=[1, 2, 3, 4], injection_layers=[0, 2, 5], hidden_size=8)
+    managers = LayerManagers(config).eval()
+    for manager in managers.managers:
+        torch.nn.init.normal_(manager.layer_weights)
+    experts = torch.randn(6, 4, 8)
+    deltas = managers.static_deltas(iter(experts.unbind(1)))  # one (tokens, D) layer at a time
+    assert sorted(deltas) == [0, 2, 5]
+    for manager, layer in zip(managers.managers, config.injection_layers):
+        used = 3 if layer == 0 else 4  # decoder layer 0 reads every selected layer but the last
+        expected = (experts[:, :used] * manager.layer_weights.detach()).sum(dim=1)
+        torch.testing.assert_close(deltas[layer], expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="static managers at inference"):
+        managers.train().static_deltas(iter(experts.unbind(1)))
