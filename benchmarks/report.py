@@ -5,6 +5,7 @@ terminal/markdown table and the plot.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 from .measure import MANAGER_PAIRS, VARIANTS
@@ -33,7 +34,9 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def overhead_ratios(
-    timings: dict[str, dict[str, list[float]]], pairs: dict[str, str] = MANAGER_PAIRS
+    timings: dict[str, dict[str, list[float]]],
+    pairs: dict[str, str] = MANAGER_PAIRS,
+    metrics: Sequence[str] = (*TIMED, *CPU_TWIN.values()),
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Per pair (variant -> its reference) and metric: per-repeat ratios (min/median/max), and the ratio of minimums.
 
@@ -44,7 +47,7 @@ def overhead_ratios(
         if variant not in timings or base not in timings:
             continue
         ratios[variant] = {}
-        for metric in [*TIMED, *CPU_TWIN.values()]:
+        for metric in metrics:
             if metric not in timings[variant]:
                 continue
             pairs_r = [a / b for a, b in zip(timings[variant][metric], timings[base][metric])]

@@ -43,6 +43,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("eval.__main__:main", "evaluate with lmms-eval: run, report, tasks, manager-weights, ..."),
     "convert": Command("llava_integration.convert:main", "LLaVA-NeXT checkpoints <-> HF + manager"),
     "bench": Command("benchmarks.manager_cost:main", "measure what the manager costs (time, memory)"),
+    "bench-throughput": Command("benchmarks.throughput:main", "evaluation documents/s against lmms-eval's llava_hf"),
     "assemble": Command("llava_integration.assemble:main", "stage 0: LLaVA-OneVision from a SigLIP and a Qwen2"),
     "tiny": Command("llava_integration.tiny:main", "write the tiny LLaVA-OneVision model"),
     "data": Command("training.synthetic.__main__:main", "write the synthetic training data"),
