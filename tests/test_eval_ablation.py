@@ -107,6 +107,8 @@ def test_the_default_schedule_assembles_the_random_tower_and_evaluates_the_easy_
     args = build_parser().parse_args(["--out", str(tmp_path)])
     steps = build_steps(args, load_schedule("tiny"), InProcessLauncher())
     assert not any(isinstance(step, TowerStep) for step in steps)
+    # Seed 0 trains with TrainingArguments' default seed, as the stages run by hand (the demo's measured table).
+    assert {step.argv[step.argv.index("--seed") + 1] for step in steps if isinstance(step, StageStep)} == {"42"}
     unimodal, stage0 = steps[0], steps[1]
     assert isinstance(unimodal, TinyUnimodalStep) and isinstance(stage0, Stage0Step)
     assert stage0.vision == unimodal.vision

@@ -43,6 +43,7 @@ from .steps import (
 )
 
 DEFAULT_OUT = Path("runs/ablation")
+TRAINING_SEED = 42  # transformers.TrainingArguments' default seed
 STAGE_MIXTURES = {"1": "stage1.yaml", "1.5": "stage1.5.yaml", "2": "stage2.yaml"}  # as training.synthetic writes them
 
 EXAMPLES = """examples:
@@ -228,7 +229,10 @@ def build_steps(
         parent = base_model if run.parent is None else layout.stage(run.parent)
         argv = ["--recipe", run.recipe, "--model_name_or_path", str(parent)]
         argv += ["--data_path", str(mixtures[run.stage]), "--image_folder", str(image_folder)]
-        options = {"seed": seed, **schedule.stage_options(run.stage)}
+        options = schedule.stage_options(run.stage)
+        # Seed S offsets the schedule's training seed (default TrainingArguments' own, what `python -m training` uses):
+        # seed 0 trains each stage exactly as run by hand, and as the runs before --seeds existed.
+        options["seed"] = int(options.get("seed", TRAINING_SEED)) + seed
         argv += ["--output_dir", str(directory), *options_to_argv(options), *train_args]
         steps.append(StageStep(run, argv, directory, parent, launcher))
     settings = schedule.evaluation
