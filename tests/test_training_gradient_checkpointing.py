@@ -45,7 +45,7 @@ def loss_and_gradients(tiny_dir, processor, manager_type: str, checkpointing: bo
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     inputs = batch(processor)
     if manager_type == "adaptive_cross":
         inputs[QUERY_MASK_KWARG] = inputs["attention_mask"].bool()
