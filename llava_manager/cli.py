@@ -114,7 +114,19 @@ def run_main(function: Callable[..., object], argv: list[str] | None = None, pro
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
     return result if isinstance(result, int) else 0
+
+
+def close_process_group() -> None:
+    """Destroy torch.distributed's default process group if a command (a training stage under torchrun) made one.
+
+    Left alive, its communication threads are torn down with the interpreter, and gloo then can abort the process
+    ("terminate called without an active exception") after the work is done, failing the launcher."""
+    distributed = sys.modules.get("torch.distributed")  # imported by the command only: the CLI stays light
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def resolve(target: str) -> Callable[..., object]:

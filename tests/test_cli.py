@@ -218,6 +218,20 @@ def test_a_real_bug_keeps_its_traceback():
         cli.run_main(broken, [])
 
 
+
+@pytest.mark.parametrize("outcome", ["returns", "raises"])
+def test_a_command_that_made_a_process_group_leaves_none_behind(outcome, tmp_path):
+    import torch.distributed as dist
+
+    def stage(argv, prog=None):  # as a training stage under torchrun: a process group of its own making
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+        if outcome == "raises":
+            raise ValueError("a user error")
+        return 0
+
+    assert cli.run_main(stage, []) == (0 if outcome == "returns" else 2)
+    assert not dist.is_initialized()
+
 # -- model arguments: at once, offline or not -------------------------------------------------------------------------
 @pytest.mark.parametrize("model", ["/x/nope", "tinyy", "org/tinyy"])
 def test_missing_model_fails_in_under_5_seconds_with_the_network_unreachable(model, tmp_path):

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llava_manager.cli import close_process_group
+
 RECIPE = "stage1.5_manager"  # AnyRes grids, a manager, every part trained
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,6 +159,7 @@ def retrieval_itc_on_rank(work: str) -> None:
 
 if __name__ == "__main__":
     worker(*sys.argv[1:4])
+    close_process_group()  # as the commands do: a live gloo group can abort the process at exit
     sys.exit(0)
 
 import pytest

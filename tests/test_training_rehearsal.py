@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llava_manager.cli import close_process_group
+
 REPO = Path(__file__).resolve().parents[1]
 STAGE2_STEPS, SAVE_STEPS = 4, 2
 # Each stage: the recipe, the stage it starts from ("tiny": the tiny model) and its steps.
@@ -121,6 +123,7 @@ def worker(phase: str, work: str, tiny: str, data: str) -> None:
 
 if __name__ == "__main__":
     worker(*sys.argv[1:5])
+    close_process_group()  # as the commands do: a live gloo group can abort the process at exit
     sys.exit(0)
 
 # -- the tests --------------------------------------------------------------------------------------------------------
