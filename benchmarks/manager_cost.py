@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -45,7 +44,7 @@ from .measure import (
     time_training,
     train_step,
 )
-from .report import markdown_table, mfu, overhead_ratios, plot, spread
+from .report import markdown_table, mfu, overhead_ratios, plot, spread, write_results
 from .sizes import SIZES, build_config, build_model, build_processor
 
 DEFAULT_FAMILY = "llava_onevision"
@@ -187,7 +186,7 @@ def run(args: argparse.Namespace) -> dict:
             "seed": args.seed,
             "manager_config": manager_config.to_dict(),
         },
-        **_counts(config, manager_config, models, variants, workloads),
+        **variant_counts(config, manager_config, models, variants, workloads),
     }
     if device.type == "meta":
         return result
@@ -197,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def _counts(
+def variant_counts(
     config: PretrainedConfig, manager_config: ManagerConfig, models: dict, variants: list, workloads: dict
 ) -> dict:
     """Parameters and analytic FLOPs of every variant, and the manager's FLOP floor for each manager pair."""
@@ -311,11 +310,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> d
     stem = args.tag or f"{args.size}-{result['machine']['device'].split(':')[0]}"
     if args.tag is None and args.family != DEFAULT_FAMILY:
         stem += f"-{args.family}"
-    args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(result)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(table)
-    written = [f"{stem}.json", f"{stem}.md"]
+    written = write_results(args.out, stem, result, table)
     if "measurements" in result and not args.no_plot:
         plot(result, args.out / f"{stem}.png")
         written.append(f"{stem}.png")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -26,9 +25,9 @@ from manager_plugin.provenance import environment_provenance
 
 from .inputs import make_batch, workload
 from .machine import describe
-from .manager_cost import RESULTS, _counts
+from .manager_cost import RESULTS, variant_counts
 from .measure import MANAGER_PAIRS, VARIANTS, Subject, interleaved, prefill, synchronizer, timed_prefill
-from .report import overhead_ratios, spread
+from .report import overhead_ratios, spread, write_results
 from .sizes import SIZES, build_config, build_model, build_processor
 
 
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
         batch = batch.to(device)
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         batches[aspect] = batch
-    counts = _counts(config, resolve_manager_config(config, manager), models, variants, workloads)
+    counts = variant_counts(config, resolve_manager_config(config, manager), models, variants, workloads)
     subjects = {v.name: Subject(v, models[v.manager], None, batches[v.aspect], None) for v in variants}
     machine = describe(device)
     sync = synchronizer(device)
@@ -153,12 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
     stem = f"{args.size}-prefill-{result['machine']['device'].split(':')[0]}"
-    args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(result)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(table)
+    written = write_results(args.out, stem, result, table)
     print(table)
-    print(f"wrote {stem}.json, {stem}.md in {args.out}")
+    print(f"wrote {', '.join(written)} in {args.out}")
     return result
 
 

@@ -4,9 +4,12 @@ terminal/markdown table and the plot.
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
+
+from manager_plugin.io import write_atomically
 
 from .measure import MANAGER_PAIRS, VARIANTS
 
@@ -26,6 +29,17 @@ CPU_TWIN = {
     "prefill_s": "prefill_cpu_s",
     "decode_s_per_step": "decode_cpu_s_per_step",
 }
+
+
+def write_results(directory: Path, stem: str, result: dict, table: str) -> list[str]:
+    """Write `result` as `<stem>.json` and its markdown `table` as `<stem>.md` in `directory` (each atomically, so an
+    interrupted run never leaves a truncated figure behind); return the names written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = []
+    for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"), (".md", table)):
+        write_atomically(directory / f"{stem}{suffix}", lambda path, text=text: Path(path).write_text(text))
+        names.append(f"{stem}{suffix}")
+    return names
 
 
 def spread(values: list[float]) -> dict[str, float]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import sys
 import tempfile
@@ -44,14 +43,13 @@ from llava_integration.patch import resolve_manager_config
 from llava_integration.processing import image_mode_of
 from llava_manager.cli import UsageError, run_main
 from manager_plugin import MANAGER_TYPES, ManagerConfig
-from manager_plugin.io import write_atomically
 from manager_plugin.provenance import environment_provenance
 
 from . import flops as flop_model
 from .inputs import workload
 from .machine import describe
 from .measure import Variant
-from .report import overhead_ratios, spread
+from .report import overhead_ratios, spread, write_results
 from .sizes import SIZES, build_config, build_model, build_processor
 
 RESULTS = Path("runs/benchmarks")
@@ -517,12 +515,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks throug
     args = parse_args(argv, prog)
     result = run(args, " ".join([*prog.split(), *map(shlex.quote, argv)]))
     stem = args.tag or f"throughput-{args.size}-{result['machine']['device'].split(':')[0]}"
-    args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(result)
-    for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"), (".md", table)):
-        write_atomically(args.out / f"{stem}{suffix}", lambda path, text=text: Path(path).write_text(text))
+    written = write_results(args.out, stem, result, table)
     print(table)
-    print(f"wrote {stem}.json, {stem}.md in {args.out}")
+    print(f"wrote {', '.join(written)} in {args.out}")
     return result
 
 
