@@ -18,11 +18,13 @@ import numpy as np
 
 from training.synthetic import COARSE_KINDS
 
+from .benchmarks import load_table
 from .intervals import delta_interval, document_scores
 from .probes import ProbeTable, probe_gate, probe_markdown
 from .tiny_data import TASK_METRICS
 
-LABELS = {"baseline": "Baseline", "manager": "+Manager", "grid": "+Grid", "grid_manager": "+Grid+Manager"}
+# The variants and their labels, in the ablation table's order (eval/benchmarks.yaml: their one definition).
+LABELS = {name: variant.label for name, variant in load_table().variants.items()}
 # The comparisons reported, as (with, without): each arm against Baseline, and the manager with the grid.
 COMPARISONS = (("manager", "baseline"), ("grid", "baseline"), ("grid_manager", "baseline"), ("grid_manager", "grid"))
 # Stated before the first run (issue 18) and not changed after seeing a result.
