@@ -7,6 +7,8 @@ import platform
 
 import torch
 
+from llava_manager.cli import UsageError
+
 # Dense bf16/fp16 tensor-core peaks (no sparsity) from the vendors' data sheets, in TFLOP/s, keyed by a substring of
 # `torch.cuda.get_device_name()`; the first match wins, so the more specific names come first.
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -80,3 +82,22 @@ def describe(device: torch.device) -> dict:
     else:
         info["device_name"] = f"CPU: {info['cpu']}"
     return info
+
+
+def device_option(value: str | None, types: tuple[str, ...] = ("cpu", "cuda")) -> torch.device:
+    """The `--device` of a benchmark: `value` (None: cuda if any, else cpu) checked to be of one of `types` and, for
+    cuda, present on this machine; anything else is a `UsageError` naming it."""
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = [name for kind in types for name in ((kind, f"{kind}:N") if kind == "cuda" else (kind,))]
+    expected = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+    try:
+        device = torch.device(value)
+    except RuntimeError as error:
+        raise UsageError(f"--device {value!r}: expected {expected}") from error
+    if device.type not in types:
+        raise UsageError(f"--device {value}: expected {expected}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        others = " or ".join(kind for kind in types if kind != "cuda")
+        raise UsageError(f"--device {value}: no CUDA device on this machine (here: {others})")
+    return device

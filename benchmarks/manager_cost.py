@@ -29,7 +29,7 @@ from manager_plugin.provenance import environment_provenance
 
 from . import flops as flop_model
 from .inputs import make_batch, training_labels, workload
-from .machine import describe
+from .machine import describe, device_option
 from .measure import (
     MANAGER_PAIRS,
     VARIANTS,
@@ -108,13 +108,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m benchmarks"
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value}: expected a positive number")
     _image_size(args.image_size, (1, 1))
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as error:
-            raise UsageError(f"--device {args.device!r}: expected cpu, cuda, cuda:N or meta") from error
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: no CUDA device on this machine (cpu or meta work here)")
+    args.device = device_option(args.device, ("cpu", "cuda", "meta"))
     return args
 
 
@@ -136,7 +130,7 @@ def _param_count(model: torch.nn.Module) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     """Build the models and batches, count, measure, and return the result record."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device
     default_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # meta: the GPU setting it stands for
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype
     if args.threads:

@@ -24,7 +24,7 @@ from manager_plugin import MANAGER_TYPES, ManagerConfig
 from manager_plugin.provenance import environment_provenance
 
 from .inputs import make_batch, workload
-from .machine import describe
+from .machine import describe, device_option
 from .manager_cost import RESULTS, variant_counts
 from .measure import MANAGER_PAIRS, VARIANTS, Subject, interleaved, prefill, synchronizer, timed_prefill
 from .report import overhead_ratios, spread, write_results
@@ -52,14 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.manager_type not in MANAGER_TYPES:
         raise UsageError(f"--manager-type {args.manager_type!r}: expected one of {', '.join(MANAGER_TYPES)}")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA device on this machine")
+    args.device = device_option(args.device)
     return args
 
 
 def run(args: argparse.Namespace) -> dict:
     """Build the models and batches, time the prefills, and return the result record."""
-    device = torch.device(args.device)
+    device = args.device
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     torch.set_num_threads(args.threads)
     size = SIZES[args.size]

@@ -47,7 +47,7 @@ from manager_plugin.provenance import environment_provenance
 
 from . import flops as flop_model
 from .inputs import workload
-from .machine import describe
+from .machine import describe, device_option
 from .measure import Variant
 from .report import overhead_ratios, spread, write_results
 from .sizes import SIZES, build_config, build_model, build_processor
@@ -111,15 +111,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m benchmarks 
             raise UsageError(f"--{name.replace('_', '-')} {value}: expected a positive number")
     if args.manager_type not in MANAGER_TYPES:
         raise UsageError(f"--manager-type {args.manager_type!r}: expected one of {', '.join(MANAGER_TYPES)}")
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as error:
-            raise UsageError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from error
-        if device.type not in ("cpu", "cuda"):
-            raise UsageError(f"--device {args.device}: expected cpu, cuda or cuda:N")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: no CUDA device on this machine")
+    args.device = device_option(args.device)
     return args
 
 
@@ -393,7 +385,7 @@ def _per_document(values: list[float], documents: list[dict]):
 
 def run(args: argparse.Namespace, command: str) -> dict:
     """Build the checkpoints and models, measure interleaved rounds, check the answers; return the result record."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     documents = generate_documents(args.documents, seed=args.seed, preset="easy")

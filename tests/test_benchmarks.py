@@ -143,6 +143,22 @@ def test_a_variant_the_family_cannot_run_is_a_usage_error():
         main(["--family", "llava_next", "--variants", "baseline", "grid"])
 
 
+@pytest.mark.parametrize(
+    ("command", "device", "message"),
+    [
+        ("benchmarks.manager_cost", "gpu", r"--device 'gpu': expected cpu, cuda, cuda:N or meta"),
+        ("benchmarks.prefill", "gpu", r"--device 'gpu': expected cpu, cuda or cuda:N"),
+        ("benchmarks.prefill", "meta", r"--device meta: expected cpu, cuda or cuda:N"),
+        ("benchmarks.throughput", "meta", r"--device meta: expected cpu, cuda or cuda:N"),
+    ],
+)
+def test_every_benchmark_refuses_a_device_it_cannot_run_on_in_one_line(command, device, message):
+    import importlib
+
+    with pytest.raises(UsageError, match=f"^{message}$"):
+        importlib.import_module(command).parse_args(["--device", device])
+
+
 def test_prefill_run_gives_per_round_ratios_against_the_floor(tmp_path):
     from benchmarks.prefill import main as prefill_main
 
