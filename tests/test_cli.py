@@ -218,7 +218,6 @@ def test_a_real_bug_keeps_its_traceback():
         cli.run_main(broken, [])
 
 
-
 @pytest.mark.parametrize("outcome", ["returns", "raises"])
 def test_a_command_that_made_a_process_group_leaves_none_behind(outcome, tmp_path):
     import torch.distributed as dist
@@ -231,6 +230,7 @@ def test_a_command_that_made_a_process_group_leaves_none_behind(outcome, tmp_pat
 
     assert cli.run_main(stage, []) == (0 if outcome == "returns" else 2)
     assert not dist.is_initialized()
+
 
 # -- model arguments: at once, offline or not -------------------------------------------------------------------------
 @pytest.mark.parametrize("model", ["/x/nope", "tinyy", "org/tinyy"])

@@ -168,7 +168,6 @@ def test_cli_generate_and_multiple_choice_give_the_known_scores(cli_run, forced)
     assert results["n-samples"]["manager_tiny_mc"]["effective"] == LIMIT
 
 
-
 def test_wrapper_keeps_a_checked_copy_with_its_provenance(cli_run, tmp_path, monkeypatch):
     """On success `OUTPUT/results.json` is lmms-eval's results plus how they were made (here from the real run's
     results file, less its unscored task, written by a stand-in for lmms-eval)."""

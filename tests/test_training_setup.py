@@ -193,7 +193,11 @@ def test_replace_and_publish_never_show_a_partial_directory(tmp_path, monkeypatc
 def test_arguments_come_from_the_recipe_then_the_command_line(tmp_path):
     (tmp_path / "m").mkdir()  # the model and data paths must exist (checked before anything loads)
     (tmp_path / "d.json").write_text("[]")
-    base = {"recipe": "stage2_manager", "model_name_or_path": str(tmp_path / "m"), "data_path": str(tmp_path / "d.json")}
+    base = {
+        "recipe": "stage2_manager",
+        "model_name_or_path": str(tmp_path / "m"),
+        "data_path": str(tmp_path / "d.json"),
+    }
     base["output_dir"] = str(tmp_path / "out")
     setup = resolve_stage({**base, "global_batch_size": 8, "per_device_train_batch_size": 2})
     training = setup.training
