@@ -48,10 +48,21 @@ class Manager(nn.Module):
         query_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.check_experts(experts)
-        weights = self.expert_weights(state, query, query_mask)
-        if self.training:
-            weights = multiplicative_jitter(weights, self.jitter)
+        if not self.training:
+            return self.inference_sum(experts, state, query, query_mask)
+        # Training: jittered weights, and the product then sum that trains fastest (ops.weighted_layer_sum).
+        weights = multiplicative_jitter(self.expert_weights(state, query, query_mask), self.jitter)
         return weighted_layer_sum(experts, weights)
+
+    def inference_sum(
+        self,
+        experts: torch.Tensor,
+        state: torch.Tensor | None,
+        query: torch.Tensor | None,
+        query_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The weighted sum without jitter; subclasses sum layer by layer without materialising `(..., N, D)`."""
+        return weighted_layer_sum(experts, self.expert_weights(state, query, query_mask))
 
 
 class StaticManager(Manager):
@@ -67,16 +78,7 @@ class StaticManager(Manager):
     def expert_weights(self, state=None, query=None, query_mask=None) -> torch.Tensor:
         return self.layer_weights
 
-    def forward(
-        self,
-        experts: torch.Tensor,
-        state: torch.Tensor | None = None,
-        query: torch.Tensor | None = None,
-        query_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if self.training:  # jittered weights, and the product then sum that trains fastest (ops.weighted_layer_sum)
-            return super().forward(experts, state, query, query_mask)
-        self.check_experts(experts)
+    def inference_sum(self, experts: torch.Tensor, state=None, query=None, query_mask=None) -> torch.Tensor:
         return accumulated_layer_sum(experts, self.layer_weights)
 
 
@@ -144,17 +146,15 @@ class AdaptiveManager(Manager):
         """Per-token weights `(..., N, D)`: the controller's layer scores times the gate."""
         return self.layer_scores(state, query, query_mask)[..., None] * self.gate
 
-    def forward(
+    def inference_sum(
         self,
         experts: torch.Tensor,
-        state: torch.Tensor | None = None,
-        query: torch.Tensor | None = None,
-        query_mask: torch.Tensor | None = None,
+        state: torch.Tensor | None,
+        query: torch.Tensor | None,
+        query_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        if self.training:  # the jitter perturbs every per-token weight: they are materialised
-            return super().forward(experts, state, query, query_mask)
-        self.check_experts(experts)
-        # Inference: sum_n s_n * (gate_n * experts_n) layer by layer, never a (tokens, N, D) weight or product tensor.
+        """`sum_n s_n * (gate_n * experts_n)` layer by layer, never a `(tokens, N, D)` weight or product tensor (training
+        materialises the per-token weights: the jitter perturbs each)."""
         scores = self.layer_scores(state, query, query_mask).to(experts.dtype)
         gate = self.gate.to(experts.dtype)
         out = scores[..., 0, None] * (gate[0] * experts[..., 0, :])
