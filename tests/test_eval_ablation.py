@@ -251,11 +251,12 @@ def answers(results: dict) -> dict[str, list]:
 
 def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_thread):
     """Every step for real (in-process, 2 training steps per stage, 6 documents per task): all artifacts, a report
-    naming all four variants, and a re-run that has nothing left to do. A second run into another directory gives
-    the same scores, answers and report: the results are a function of the code and the seed alone."""
+    naming all four variants, and a re-run that has nothing left to do. A second run into another directory, with its
+    stage runs side by side in worker processes, gives the same scores, answers and report: the results are a function
+    of the code and the seed alone."""
     launcher = InProcessLauncher(task_manager=shared_task_manager())  # the session's index (built once, 10-20 s)
     first, second = tmp_path / "first", tmp_path / "second"
-    args = build_parser().parse_args(["--out", str(first), "--schedule", "smoke", "--threads", "1"])
+    args = build_parser().parse_args(["--out", str(first), "--schedule", "smoke", "--threads", "1", "--jobs", "1"])
     assert run(args, launcher) == 0
     output = capsys.readouterr().out
     top, first = first, first / "seed_0"  # one seed's run under --out/seed_0, the report per kind under --out/report
@@ -303,9 +304,17 @@ def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_
     assert capsys.readouterr().out.count("skipped") == 18
 
     launcher = InProcessLauncher(task_manager=shared_task_manager())
-    assert (
-        run(build_parser().parse_args(["--out", str(second), "--schedule", "smoke", "--threads", "1"]), launcher) == 0
-    )
+    launcher.train = pytest.fail  # side by side: every stage run trains in a worker process of its own
+    side_by_side = ["--out", str(second), "--schedule", "smoke", "--threads", "1", "--jobs", "2"]
+    assert run(build_parser().parse_args(side_by_side), launcher) == 0
+    output = capsys.readouterr().out
+    assert "| jobs 2" in output and f"[log: {second / 'seed_0' / 'logs' / 'stage2.log'}]" in output
+    assert "stage stage2 finished at step 2" in (second / "seed_0" / "logs" / "stage2.log").read_text()
+    # Stage 1.5 starts from stage 1's model: it starts only after stage 1's run has ended.
+    lines = output.splitlines()
+    ended = next(i for i, line in enumerate(lines) if "train stage1_manager (manager, grid_manager): done" in line)
+    started = next(i for i, line in enumerate(lines) if "train stage1.5_manager (grid_manager) [log:" in line)
+    assert ended < started
     for variant in VARIANT_RECIPES:
         once, again = (
             json.loads((out / "eval" / variant / "results.json").read_text()) for out in (first, second / "seed_0")
@@ -314,3 +323,38 @@ def test_tiny_ablation_end_to_end_with_the_smoke_schedule(tmp_path, capsys, one_
         assert answers(once) == answers(again), variant
     assert (second / "seed_0" / "report" / "ablation.md").read_text() == markdown
     assert (second / "report" / "question_types.md").read_text() == by_kind
+
+
+def test_side_by_side_stops_at_a_failed_stage_run_and_shows_its_log(tmp_path, capsys, one_thread):
+    """A stage run that fails in its worker ends the ablation with exit code 1 and the end of its log; nothing that
+    starts from it runs, and its siblings' runs are stopped."""
+    base = tmp_path / "base"
+    base.mkdir()  # exists, but holds no model: each training fails as it loads it
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("stage1.yaml", "stage1.5.yaml", "stage2.yaml"):
+        (data / name).write_text("datasets: []\n")
+    argv = ["--out", str(tmp_path / "out"), "--model", str(base), "--data", str(data), "--jobs", "2", "--threads", "1"]
+    assert run(build_parser().parse_args(argv), InProcessLauncher(task_manager=object())) == 1
+    captured = capsys.readouterr()
+    assert re.search(r"train stage1 \(baseline, grid\): FAILED after", captured.out)
+    assert re.search(r"train stage1_manager \(manager, grid_manager\): FAILED after", captured.out)
+    assert "train stage1.5" not in captured.out
+    failed = re.search(r"error: stage (\S+) exited with code 1; the end of its log (\S+):", captured.err)
+    log = tmp_path / "out" / "seed_0" / "logs" / f"{failed[1]}.log"  # whichever of the two stage-1 runs ended first
+    assert failed[2] == str(log) and log.read_text().strip().splitlines()[-1] in captured.err
+    assert not (tmp_path / "out" / "seed_0" / "stages" / "stage1" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--jobs", "0"], "--jobs 0: expected a positive number"),
+        (["--jobs", "2", "--launcher", "subprocess"], "--jobs 2 needs --launcher inprocess"),
+    ],
+)
+def test_jobs_are_checked_in_one_line(tmp_path, capsys, one_thread, extra, message):
+    assert run(build_parser().parse_args(["--out", str(tmp_path), *extra])) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}" + (
+        " (a subprocess step uses every GPU)" if "subprocess" in extra else ""
+    )

@@ -25,6 +25,7 @@ from pathlib import Path
 from llava_manager.models import check_model_reference
 
 from .launchers import LAUNCHERS, EvalJob, InProcessLauncher, StepFailed, SubprocessLauncher
+from .parallel import SideBySide, cpu_cores
 from .plan import VARIANT_RECIPES, build_plan
 from .progress import Progress, clock
 from .schedule import Schedule, load_schedule, schedule_names
@@ -105,6 +106,12 @@ def build_parser(prog: str = "python -m eval ablation") -> argparse.ArgumentPars
         "for the tiny model)",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        help="stage runs trained side by side, each in a worker process of --threads threads (in-process launcher; "
+        "default: the CPU cores over --threads, so 2 on 2 cores; 1 trains in this process, one run after another)",
+    )
+    parser.add_argument(
         "--seeds",
         type=int,
         default=1,
@@ -171,6 +178,19 @@ def choose_threads(threads: int | None) -> str:
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     return str(threads)
+
+
+def choose_jobs(jobs: int | None, launcher) -> int:
+    """How many stage runs train side by side: only the in-process launcher runs them in workers of its own."""
+    import torch
+
+    if jobs is not None and jobs < 1:
+        raise AblationError(f"--jobs {jobs}: expected a positive number")
+    if not isinstance(launcher, InProcessLauncher):
+        if jobs not in (None, 1):
+            raise AblationError(f"--jobs {jobs} needs --launcher inprocess (a subprocess step uses every GPU)")
+        return 1
+    return jobs or max(1, cpu_cores() // torch.get_num_threads())
 
 
 def choose_launcher(name: str, nproc: int | None):
@@ -343,6 +363,7 @@ def run(args: argparse.Namespace, launcher=None) -> int:
         schedule = load_schedule(args.schedule or ("tiny" if tiny else "full"))
         threads = choose_threads(args.threads)
         launcher = launcher or choose_launcher(args.launcher, args.nproc)
+        jobs = choose_jobs(args.jobs, launcher)
         if args.eval_args and launcher.name == "inprocess":
             raise AblationError(f"--eval-args {args.eval_args!r} need --launcher subprocess (`python -m eval run`)")
         layouts = seed_layouts(args)
@@ -356,20 +377,25 @@ def run(args: argparse.Namespace, launcher=None) -> int:
     print(
         f"ablation: {len(steps) + reports} steps into {args.out} | model {describe_model(args)} | schedule "
         f"{schedule.name} ({schedule.description}) | seeds {list(layouts)} | launcher {launcher.name} | threads "
-        f"{threads}",
+        f"{threads} | jobs {jobs}",
         flush=True,
     )
     progress = Progress(len(steps) + reports)
     try:
-        for step in steps:
-            reason = None if args.force else step.finished()
-            if reason or args.dry_run:
-                progress.mark(step.label, f"skipped, {reason}" if reason else f"would run: {step.command()}")
-                continue
-            if args.force and isinstance(step, StageStep):
-                remove(step.directory)
-            with progress.step(step.label):
-                step.run()
+        if jobs > 1 and not args.dry_run:
+            import torch
+
+            SideBySide(jobs, torch.get_num_threads(), progress, args.force).run(steps)
+        else:
+            for step in steps:
+                reason = None if args.force else step.finished()
+                if reason or args.dry_run:
+                    progress.mark(step.label, f"skipped, {reason}" if reason else f"would run: {step.command()}")
+                    continue
+                if args.force and isinstance(step, StageStep):
+                    remove(step.directory)
+                with progress.step(step.label):
+                    step.run()
         if args.dry_run:
             return 0
         for seed, layout in layouts.items():

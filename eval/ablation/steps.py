@@ -286,16 +286,24 @@ class StageStep:
     def command(self) -> str:
         return " ".join(self.launcher.train_command(self.argv))
 
-    def run(self) -> None:
+    def prepare(self) -> list[str]:
+        """Clear a stale model away; the training arguments to run (resuming an interrupted run)."""
         argv = list(self.argv)
         if (self.directory / CONFIG).is_file():  # a model made from an older parent: none of it is reusable
             remove(self.directory)
         elif any(self.directory.glob("checkpoint-*")) and "--resume_from_checkpoint" not in argv:
             argv += ["--resume_from_checkpoint", "true"]  # an interrupted run: go on from its last checkpoint
-        self.launcher.train(argv)
+        return argv
+
+    def complete(self) -> None:
+        """Check that the training wrote its model, and record what it was made with."""
         if not (self.directory / CONFIG).is_file():
             raise StepFailed(f"stage {self.run_spec.recipe} ended without writing its model to {self.directory}")
         _record(self.directory, {"argv": self.argv})
+
+    def run(self) -> None:
+        self.launcher.train(self.prepare())
+        self.complete()
 
 
 @dataclass
