@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jinja2 import TemplateError
@@ -24,8 +24,26 @@ class UserTurn:
     ends: tuple[tuple[int, ...], ...]
 
 
-# The template's own renderings, learnt once per tokenizer and template.
+@dataclass
+class _Learnt:
+    """What the query mask reads of one tokenizer, worked out once: it is asked again for every sample."""
+
+    turns: dict[str, UserTurn | None] = field(default_factory=dict)  # by chat template
+    # (image token, video token, vocabulary size) -> the image token's id and the media tokens' ids; the size
+    # changes when tokens are added, and with it the ids these names have.
+    media: dict[tuple[str, str, int], tuple[int, frozenset[int]]] = field(default_factory=dict)
+    blank: dict[int, bool] = field(default_factory=dict)  # by token id (at most the vocabulary's size)
+
+
+# Weak keys: a tokenizer's entry goes with it, and another tokenizer never reads it.
 _LEARNT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _learnt(tokenizer) -> _Learnt:
+    learnt = _LEARNT.get(tokenizer)
+    if learnt is None:
+        learnt = _LEARNT[tokenizer] = _Learnt()
+    return learnt
 
 
 def user_turn_markers(tokenizer, chat_template: str | None = None) -> UserTurn | None:
@@ -41,10 +59,10 @@ def user_turn_markers(tokenizer, chat_template: str | None = None) -> UserTurn |
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         return None
-    learnt = _LEARNT.setdefault(tokenizer, {})
-    if template not in learnt:
-        learnt[template] = _learn_user_turn(tokenizer, template)
-    return learnt[template]
+    turns = _learnt(tokenizer).turns
+    if template not in turns:
+        turns[template] = _learn_user_turn(tokenizer, template)
+    return turns[template]
 
 
 def _learn_user_turn(tokenizer, template: str) -> UserTurn | None:
@@ -131,11 +149,29 @@ def _tokens_over(rendered: dict, begin: int, end: int) -> tuple[int, ...]:
     return tuple(i for i, (a, b) in zip(rendered["ids"], rendered["offsets"]) if a < end and b > begin)
 
 
-def _blank_ids(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    """Which ids of `input_ids` decode to white space only (the newline after a placeholder, say)."""
-    unique = torch.unique(input_ids)
-    blank = [not tokenizer.decode([int(token)]).strip() for token in unique]
-    return unique[torch.tensor(blank, dtype=torch.bool)]
+def _media_ids(tokenizer) -> tuple[int, frozenset[int]]:
+    """The image token's id (as `convert_tokens_to_ids` reads it), and the ids of the image and video tokens the
+    vocabulary holds."""
+    image_token = _image_token(tokenizer)
+    video_token = getattr(tokenizer, "video_token", None) or "<video>"
+    media = _learnt(tokenizer).media
+    key = (image_token, video_token, len(tokenizer))
+    if key not in media:
+        vocabulary = tokenizer.get_vocab()  # the whole vocabulary as a dict: too slow to build per sample
+        media[key] = (
+            tokenizer.convert_tokens_to_ids(image_token),
+            frozenset(vocabulary[token] for token in (image_token, video_token) if token in vocabulary),
+        )
+    return media[key]
+
+
+def _blank_ids(tokenizer, tokens: list[int]) -> list[int]:
+    """Those of `tokens` that decode to white space only (the newline after a placeholder, say)."""
+    blank = _learnt(tokenizer).blank
+    for token in tokens:
+        if token not in blank:
+            blank[token] = not tokenizer.decode([token]).strip()
+    return [token for token in tokens if blank[token]]
 
 
 def _matches(ids: torch.Tensor, pattern: tuple[int, ...]) -> torch.Tensor:
@@ -168,11 +204,8 @@ def instruction_query_mask(
         return torch.zeros_like(input_ids, dtype=torch.bool)
     length = ids.shape[1]
     positions = torch.arange(length, device=ids.device)
-    image_token = _image_token(tokenizer)
-    video_token = getattr(tokenizer, "video_token", None) or "<video>"
-    vocabulary = tokenizer.get_vocab()
-    media = [vocabulary[token] for token in (image_token, video_token) if token in vocabulary]
-    image = ids == tokenizer.convert_tokens_to_ids(image_token)
+    image_id, media = _media_ids(tokenizer)
+    image = ids == image_id
     first_image = torch.where(image, positions, length).amin(dim=1, keepdim=True)
     has_image = image.any(dim=1, keepdim=True)
     # The opening nearest before the first image (its end), and the closing nearest after it.
@@ -187,8 +220,9 @@ def instruction_query_mask(
         turn_end = torch.minimum(turn_end, torch.where(closed, positions, length).amin(dim=1, keepdim=True))
 
     mask = (positions >= turn_start) & (positions < turn_end) & (turn_start >= 0) & has_image
-    mask &= ~torch.isin(ids, torch.tensor(media, dtype=ids.dtype, device=ids.device))
-    mask &= ~torch.isin(ids, _blank_ids(ids, tokenizer))
+    present = torch.unique(ids).tolist()
+    dropped = [token for token in present if token in media] + _blank_ids(tokenizer, present)
+    mask &= ~torch.isin(ids, torch.tensor(dropped, dtype=ids.dtype, device=ids.device))
     if attention_mask is not None:
         mask &= attention_mask.view_as(ids).bool()
     return mask if input_ids.dim() == 2 else mask[0]
