@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from jinja2 import TemplateError
 from torch import nn
 
 from .patch import RUNTIME_ATTRIBUTE, llava_model
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,26 +27,19 @@ class UserTurn:
     ends: tuple[tuple[int, ...], ...]
 
 
-@dataclass
-class _Learnt:
-    """What the query mask reads of one tokenizer, worked out once: it is asked again for every sample."""
-
-    turns: dict[str, UserTurn | None] = field(default_factory=dict)  # by chat template
-    # (image token, video token, vocabulary size) -> the image token's id and the media tokens' ids; the size
-    # changes when tokens are added, and with it the ids these names have.
-    media: dict[tuple[str, str, int], tuple[int, frozenset[int]]] = field(default_factory=dict)
-    blank: dict[int, bool] = field(default_factory=dict)  # by token id (at most the vocabulary's size)
-
-
-# Weak keys: a tokenizer's entry goes with it, and another tokenizer never reads it.
+# tokenizer -> {key: value}: what is read of a tokenizer for every sample, worked out once. Weak keys: an entry goes
+# with its tokenizer, and no other tokenizer (even one later given the same id) ever reads it.
 _LEARNT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _learnt(tokenizer) -> _Learnt:
+def per_tokenizer(tokenizer, key: Hashable, compute: Callable[[], T]) -> T:
+    """`compute()` the first time `tokenizer` is asked for `key`, the same value after (while the tokenizer lives)."""
     learnt = _LEARNT.get(tokenizer)
     if learnt is None:
-        learnt = _LEARNT[tokenizer] = _Learnt()
-    return learnt
+        learnt = _LEARNT[tokenizer] = {}
+    if key not in learnt:
+        learnt[key] = compute()
+    return learnt[key]
 
 
 def user_turn_markers(tokenizer, chat_template: str | None = None) -> UserTurn | None:
@@ -59,10 +55,7 @@ def user_turn_markers(tokenizer, chat_template: str | None = None) -> UserTurn |
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         return None
-    turns = _learnt(tokenizer).turns
-    if template not in turns:
-        turns[template] = _learn_user_turn(tokenizer, template)
-    return turns[template]
+    return per_tokenizer(tokenizer, ("user turn", template), lambda: _learn_user_turn(tokenizer, template))
 
 
 def _learn_user_turn(tokenizer, template: str) -> UserTurn | None:
@@ -154,20 +147,19 @@ def _media_ids(tokenizer) -> tuple[int, frozenset[int]]:
     vocabulary holds."""
     image_token = _image_token(tokenizer)
     video_token = getattr(tokenizer, "video_token", None) or "<video>"
-    media = _learnt(tokenizer).media
-    key = (image_token, video_token, len(tokenizer))
-    if key not in media:
+
+    def look_up() -> tuple[int, frozenset[int]]:
         vocabulary = tokenizer.get_vocab()  # the whole vocabulary as a dict: too slow to build per sample
-        media[key] = (
-            tokenizer.convert_tokens_to_ids(image_token),
-            frozenset(vocabulary[token] for token in (image_token, video_token) if token in vocabulary),
-        )
-    return media[key]
+        media = frozenset(vocabulary[token] for token in (image_token, video_token) if token in vocabulary)
+        return tokenizer.convert_tokens_to_ids(image_token), media
+
+    # The vocabulary's size in the key: added tokens may give these names ids.
+    return per_tokenizer(tokenizer, ("media", image_token, video_token, len(tokenizer)), look_up)
 
 
 def _blank_ids(tokenizer, tokens: list[int]) -> list[int]:
     """Those of `tokens` that decode to white space only (the newline after a placeholder, say)."""
-    blank = _learnt(tokenizer).blank
+    blank = per_tokenizer(tokenizer, "blank", dict)  # token id -> bool, at most the vocabulary's size
     for token in tokens:
         if token not in blank:
             blank[token] = not tokenizer.decode([token]).strip()
