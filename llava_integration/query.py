@@ -55,7 +55,9 @@ def user_turn_markers(tokenizer, chat_template: str | None = None) -> UserTurn |
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         return None
-    return per_tokenizer(tokenizer, ("user turn", template), lambda: _learn_user_turn(tokenizer, template))
+    # The vocabulary's size in the key: added tokens change how the template's text is tokenised.
+    key = ("user turn", template, len(tokenizer))
+    return per_tokenizer(tokenizer, key, lambda: _learn_user_turn(tokenizer, template))
 
 
 def _learn_user_turn(tokenizer, template: str) -> UserTurn | None:
