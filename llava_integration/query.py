@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from jinja2 import TemplateError
 from torch import nn
 
 from .patch import RUNTIME_ATTRIBUTE, llava_model
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,19 @@ class UserTurn:
     ends: tuple[tuple[int, ...], ...]
 
 
-# The template's own renderings, learnt once per tokenizer and template.
+# tokenizer -> {key: value}: what is read of a tokenizer for every sample, worked out once. Weak keys: an entry goes
+# with its tokenizer, and no other tokenizer (even one later given the same id) ever reads it.
 _LEARNT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def per_tokenizer(tokenizer, key: Hashable, compute: Callable[[], T]) -> T:
+    """`compute()` the first time `tokenizer` is asked for `key`, the same value after (while the tokenizer lives)."""
+    learnt = _LEARNT.get(tokenizer)
+    if learnt is None:
+        learnt = _LEARNT[tokenizer] = {}
+    if key not in learnt:
+        learnt[key] = compute()
+    return learnt[key]
 
 
 def user_turn_markers(tokenizer, chat_template: str | None = None) -> UserTurn | None:
@@ -41,10 +55,9 @@ def user_turn_markers(tokenizer, chat_template: str | None = None) -> UserTurn |
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         return None
-    learnt = _LEARNT.setdefault(tokenizer, {})
-    if template not in learnt:
-        learnt[template] = _learn_user_turn(tokenizer, template)
-    return learnt[template]
+    # The vocabulary's size in the key: added tokens change how the template's text is tokenised.
+    key = ("user turn", template, len(tokenizer))
+    return per_tokenizer(tokenizer, key, lambda: _learn_user_turn(tokenizer, template))
 
 
 def _learn_user_turn(tokenizer, template: str) -> UserTurn | None:
@@ -131,11 +144,28 @@ def _tokens_over(rendered: dict, begin: int, end: int) -> tuple[int, ...]:
     return tuple(i for i, (a, b) in zip(rendered["ids"], rendered["offsets"]) if a < end and b > begin)
 
 
-def _blank_ids(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    """Which ids of `input_ids` decode to white space only (the newline after a placeholder, say)."""
-    unique = torch.unique(input_ids)
-    blank = [not tokenizer.decode([int(token)]).strip() for token in unique]
-    return unique[torch.tensor(blank, dtype=torch.bool)]
+def _media_ids(tokenizer) -> tuple[int, frozenset[int]]:
+    """The image token's id (as `convert_tokens_to_ids` reads it), and the ids of the image and video tokens the
+    vocabulary holds."""
+    image_token = _image_token(tokenizer)
+    video_token = getattr(tokenizer, "video_token", None) or "<video>"
+
+    def look_up() -> tuple[int, frozenset[int]]:
+        vocabulary = tokenizer.get_vocab()  # the whole vocabulary as a dict: too slow to build per sample
+        media = frozenset(vocabulary[token] for token in (image_token, video_token) if token in vocabulary)
+        return tokenizer.convert_tokens_to_ids(image_token), media
+
+    # The vocabulary's size in the key: added tokens may give these names ids.
+    return per_tokenizer(tokenizer, ("media", image_token, video_token, len(tokenizer)), look_up)
+
+
+def _blank_ids(tokenizer, tokens: list[int]) -> list[int]:
+    """Those of `tokens` that decode to white space only (the newline after a placeholder, say)."""
+    blank = per_tokenizer(tokenizer, "blank", dict)  # token id -> bool, at most the vocabulary's size
+    for token in tokens:
+        if token not in blank:
+            blank[token] = not tokenizer.decode([token]).strip()
+    return [token for token in tokens if blank[token]]
 
 
 def _matches(ids: torch.Tensor, pattern: tuple[int, ...]) -> torch.Tensor:
@@ -168,11 +198,8 @@ def instruction_query_mask(
         return torch.zeros_like(input_ids, dtype=torch.bool)
     length = ids.shape[1]
     positions = torch.arange(length, device=ids.device)
-    image_token = _image_token(tokenizer)
-    video_token = getattr(tokenizer, "video_token", None) or "<video>"
-    vocabulary = tokenizer.get_vocab()
-    media = [vocabulary[token] for token in (image_token, video_token) if token in vocabulary]
-    image = ids == tokenizer.convert_tokens_to_ids(image_token)
+    image_id, media = _media_ids(tokenizer)
+    image = ids == image_id
     first_image = torch.where(image, positions, length).amin(dim=1, keepdim=True)
     has_image = image.any(dim=1, keepdim=True)
     # The opening nearest before the first image (its end), and the closing nearest after it.
@@ -187,8 +214,9 @@ def instruction_query_mask(
         turn_end = torch.minimum(turn_end, torch.where(closed, positions, length).amin(dim=1, keepdim=True))
 
     mask = (positions >= turn_start) & (positions < turn_end) & (turn_start >= 0) & has_image
-    mask &= ~torch.isin(ids, torch.tensor(media, dtype=ids.dtype, device=ids.device))
-    mask &= ~torch.isin(ids, _blank_ids(ids, tokenizer))
+    present = torch.unique(ids).tolist()
+    dropped = [token for token in present if token in media] + _blank_ids(tokenizer, present)
+    mask &= ~torch.isin(ids, torch.tensor(dropped, dtype=ids.dtype, device=ids.device))
     if attention_mask is not None:
         mask &= attention_mask.view_as(ids).bool()
     return mask if input_ids.dim() == 2 else mask[0]

@@ -9,13 +9,17 @@ asked with the image, located in the rendered text, and the tokens that spell th
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tokenizers import AddedToken
+from transformers import Qwen2Tokenizer
 
 from llava_integration import instruction_query_mask, tiny
 from llava_integration.chat_template import CHAT_TEMPLATE
 from llava_integration.query import user_turn_markers
+from training.data import Record, get_template
 
 LLAVA_15 = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
@@ -189,3 +193,79 @@ def test_without_a_user_turn_the_query_is_empty(tokenizer):
     assert not instruction_query_mask(ids, bare).any()
     plain = torch.tensor(tokenizer("<image>a red circle\n", add_special_tokens=False)["input_ids"])
     assert not instruction_query_mask(plain, tokenizer, chat_template=CHAT_TEMPLATE).any()
+
+
+def renumbered_tokenizer() -> Qwen2Tokenizer:
+    """The tiny tokenizer with other ids for its tokens (the same merges, so the same tokens): its byte-level BPE's
+    vocabulary numbered backwards, but for the newline, which takes the id "What" has in the tiny one, and the special
+    tokens added in the reverse order."""
+    model = json.loads(tiny.build_tokenizer().backend_tokenizer.to_str())["model"]
+    order = sorted(model["vocab"], key=model["vocab"].get, reverse=True)
+    newline, what = order.index("\u010a"), model["vocab"]["What"]  # "\u010a": the newline, byte-level
+    order[newline], order[what] = order[what], order[newline]
+    renumbered = Qwen2Tokenizer(
+        vocab={token: index for index, token in enumerate(order)},
+        merges=[tuple(merge) for merge in model["merges"]],
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    specials = [AddedToken(token, special=True, normalized=False) for token in reversed(tiny.SPECIAL_TOKENS)]
+    renumbered.add_tokens(specials, special_tokens=True)
+    return renumbered
+
+
+def test_what_is_learnt_of_a_tokenizer_and_template_answers_for_no_other():
+    """The markers, media ids and blank tokens learnt once per tokenizer and template: two tokenizers of one size that
+    number the same tokens differently and two templates, asked in turn in one process (twice: the second round reads
+    what the first learnt), each get the independently found query."""
+    tokenizer, other = tiny.build_tokenizer(), renumbered_tokenizer()
+    assert len(tokenizer) == len(other)  # the vocabulary's size cannot tell them apart
+
+    def ids(tok, text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    for text in ("<image>", "<|im_start|>", "USER"):
+        assert ids(other, text) != ids(tokenizer, text), text
+    assert ids(other, "\n") == ids(tokenizer, "What")  # a blank token in one, part of the query in the other
+    for _ in range(2):
+        for tok in (tokenizer, other):
+            for template in ("chatml (llava_onevision)", "llava-1.5-7b-hf"):
+                text, encoded = rendered(tok, TEMPLATES[template], "images in two user turns: the first one's")
+                ids = torch.tensor(encoded["input_ids"])
+                expected = expected_mask(tok, text, encoded)
+                assert expected.sum() > 0
+                assert torch.equal(instruction_query_mask(ids, tok, chat_template=TEMPLATES[template]), expected)
+
+
+def test_tokens_added_after_a_query_are_read(tokenizer):
+    """A tokenizer given its image token after a first query: what was learnt without it is not reused."""
+    late = tiny.build_tokenizer(media_tokens=False)
+    _, encoded = rendered(late, CHAT_TEMPLATE, "one turn, asking")  # `<image>` is plain text: no image, no query
+    assert not instruction_query_mask(torch.tensor(encoded["input_ids"]), late, chat_template=CHAT_TEMPLATE).any()
+    late.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    text, encoded = rendered(late, CHAT_TEMPLATE, "one turn, asking")
+    mask = instruction_query_mask(torch.tensor(encoded["input_ids"]), late, chat_template=CHAT_TEMPLATE)
+    assert torch.equal(mask, expected_mask(late, text, encoded))
+
+
+def test_chat_template_encodes_with_the_ids_of_each_processor():
+    """`ChatTemplate.encode` on the ChatML path (no generation blocks: the assistant header's ids are tokenised once
+    per tokenizer) with two processors whose tokenizers number tokens differently, in turn: each sample's ids are its
+    text's, its labels the tokens of the replies, its query the question asked with the image."""
+    chatml = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    processors = [tiny.build_processor(tok) for tok in (tiny.build_tokenizer(), renumbered_tokenizer())]
+    turns = (("human", f"<image>\n{ASKED}"), ("gpt", "red"), ("human", "Where is the shape?"), ("gpt", "left"))
+    record = Record(id="r", images=("a.png",), turns=turns, source="data.json", index=0)
+    for _ in range(2):
+        for processor in processors:
+            processor.chat_template = chatml
+            encoded = get_template("chat").encode(record, processor)
+            tok, text = processor.tokenizer, encoded.text
+            tokens = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            assert encoded.input_ids.tolist() == tokens["input_ids"]
+            replies = [
+                (text.index(reply), text.index(reply) + len(reply)) for reply in ("red<|im_end|>", "left<|im_end|>")
+            ]
+            labelled = [any(a < end and b > begin for begin, end in replies) for a, b in tokens["offset_mapping"]]
+            assert encoded.target_mask.tolist() == labelled
+            assert torch.equal(encoded.query_mask, expected_mask(tok, text, tokens))

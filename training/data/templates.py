@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava_integration.query import instruction_query_mask
+from llava_integration.query import instruction_query_mask, per_tokenizer
 
 from .records import IMAGE_PLACEHOLDER, ROLES, Record
 
@@ -77,6 +77,17 @@ def chatml_assistant_mask(input_ids: torch.Tensor, header_ids: list[int], end_id
     return mask
 
 
+def _chatml_ids(tokenizer) -> tuple[list[int], int]:
+    """The ids of the ChatML assistant header and of its end token (the vocabulary's size in the key: added tokens
+    may change them)."""
+
+    def tokenise() -> tuple[list[int], int]:
+        header = tokenizer(CHATML_ASSISTANT_HEADER, add_special_tokens=False)["input_ids"]
+        return header, tokenizer.convert_tokens_to_ids(CHATML_END)
+
+    return per_tokenizer(tokenizer, ("chatml", len(tokenizer)), tokenise)
+
+
 def rendered_assistant_spans(
     messages: list[dict[str, str]], tokenizer, template: str, text: str, where: str
 ) -> list[tuple[int, int]]:
@@ -114,24 +125,25 @@ class ChatTemplate:
         template = self._template(processor)
         messages = messages_of(record, processor.image_token)
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
         if _GENERATION_BLOCK.search(template):
+            # `text` rendered again with the turns' spans and tokenised once, with its mask (the collator checks
+            # these ids against the processor's tokens of `text`).
             marked = tokenizer.apply_chat_template(
                 messages, chat_template=template, return_dict=True, return_assistant_tokens_mask=True
             )
-            if list(marked["input_ids"]) != encoding["input_ids"]:
-                raise RuntimeError(f"{record.where}: the chat template tokenises differently with and without masks")
+            ids = torch.tensor(marked["input_ids"], dtype=torch.long)
             target = torch.tensor(marked["assistant_masks"], dtype=torch.bool)
-        elif CHATML_END in template:
-            header = tokenizer(CHATML_ASSISTANT_HEADER, add_special_tokens=False)["input_ids"]
-            target = chatml_assistant_mask(ids, header, tokenizer.convert_tokens_to_ids(CHATML_END))
         else:
-            spans = rendered_assistant_spans(messages, tokenizer, template, text, record.where)
-            starts = torch.tensor([start for start, _ in encoding["offset_mapping"]])
-            target = torch.zeros_like(ids, dtype=torch.bool)
-            for begin, end in spans:
-                target |= (starts >= begin) & (starts < end)
+            encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
+            if CHATML_END in template:
+                target = chatml_assistant_mask(ids, *_chatml_ids(tokenizer))
+            else:
+                spans = rendered_assistant_spans(messages, tokenizer, template, text, record.where)
+                starts = torch.tensor([start for start, _ in encoding["offset_mapping"]])
+                target = torch.zeros_like(ids, dtype=torch.bool)
+                for begin, end in spans:
+                    target |= (starts >= begin) & (starts < end)
         query = instruction_query_mask(ids, tokenizer, chat_template=template)
         return Encoded(text, ids, target, query)
 
