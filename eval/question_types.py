@@ -138,7 +138,7 @@ def write_question_report(
         lines += [
             (
                 "The tasks ask coarse questions only (about the one large shape): the hypothesis on detail questions "
-                "is not tested here (`llava-manager ablation --schedule detail` tests it)."
+                "is not tested here (`llava-manager ablation`, the detail world, tests it)."
             ),
             "",
         ]

@@ -328,7 +328,7 @@ def test_wheel_carries_the_scripts_tasks_recipes_and_leaves_the_tree_clean(tmp_p
     scripts = {path.name for path in (PROJECT / "llava_manager" / "scripts").glob("*.sh")}
     assert scripts and {f"llava_manager/scripts/{name}" for name in scripts} <= names
     shipped_data = ["eval/tasks/manager_tiny/manager_tiny.yaml", "training/recipes/stage1_manager.yaml"]
-    shipped_data += ["training/deepspeed/zero3.json", "eval/ablation/schedules/tiny.yaml", "llava_manager/cli.py"]
+    shipped_data += ["training/deepspeed/zero3.json", "eval/ablation/schedules/detail.yaml", "llava_manager/cli.py"]
     assert set(shipped_data) <= names
     assert "llava-manager = llava_manager.cli:main" in entry_points
     assert "llava_ov_manager = eval.registry:LLAVA_OV_MANAGER" in entry_points

@@ -60,7 +60,7 @@ def test_stage_arguments_chain_outputs_and_layer_the_options(tmp_path):
     args = build_parser().parse_args(
         ["--out", str(tmp_path), "--train-args", "--max_steps 7 --seed 3", "--model-args", "dtype=bfloat16"]
     )
-    steps = build_steps(args, load_schedule("tiny"), InProcessLauncher())
+    steps = build_steps(args, load_schedule("easy"), InProcessLauncher())
     stages = {step.run_spec.recipe: step for step in steps if isinstance(step, StageStep)}
 
     def option(step, name):
@@ -74,7 +74,7 @@ def test_stage_arguments_chain_outputs_and_layer_the_options(tmp_path):
     assert option(stages["stage1.5"], "data_path") == str(tmp_path / "seed_0" / "data" / "stage1.5.yaml")
     assert option(stages["stage2"], "output_dir") == str(tmp_path / "seed_0" / "stages" / "stage2")
     assert option(stages["stage2"], "max_steps") == "7"  # --train-args win over the schedule
-    schedule = yaml.safe_load((Path(__file__).parents[1] / "eval" / "ablation" / "schedules" / "tiny.yaml").read_text())
+    schedule = yaml.safe_load((Path(__file__).parents[1] / "eval" / "ablation" / "schedules" / "easy.yaml").read_text())
     assert float(option(stages["stage1.5"], "learning_rate")) == schedule["training"]["1.5"]["learning_rate"]
     evaluations = {step.run_spec.variant: step.job for step in steps if isinstance(step, EvalStep)}
     assert evaluations["grid"].model_args == "grid=true,dtype=bfloat16"  # the user's dtype replaces the schedule's
@@ -102,12 +102,20 @@ def test_seeds_repeat_every_step_with_their_seed_under_their_own_directory(tmp_p
     assert "--seeds must be at least 1, got 0" in capsys.readouterr().err
 
 
-def test_the_default_schedule_assembles_the_random_tower_and_evaluates_the_easy_tasks(tmp_path):
-    """`tiny` (the demo) has no tower step: stage 0 assembles the random SigLIP; its tasks ask the easy scenes."""
+def test_the_default_schedule_is_the_detail_world(tmp_path, capsys, one_thread):
+    """With no --schedule the tiny model runs the detail world: the tower is pretrained and probed before stage 0."""
+    assert run(build_parser().parse_args(["--out", str(tmp_path), "--dry-run", "--jobs", "1"])) == 0
+    output = capsys.readouterr().out
+    assert "| schedule detail (" in output and "pretrain the SigLIP (coarse + invariant to details)" in output
+    assert "evaluate baseline (stage2_nogrid) on manager_tiny_detail,manager_tiny_detail_mc" in output
+
+
+def test_the_easy_schedule_assembles_the_random_tower_and_evaluates_the_easy_tasks(tmp_path):
+    """`easy` has no tower step: stage 0 assembles the random SigLIP; its tasks ask the easy scenes."""
     args = build_parser().parse_args(["--out", str(tmp_path)])
-    steps = build_steps(args, load_schedule("tiny"), InProcessLauncher())
+    steps = build_steps(args, load_schedule("easy"), InProcessLauncher())
     assert not any(isinstance(step, TowerStep) for step in steps)
-    # Seed 0 trains with TrainingArguments' default seed, as the stages run by hand (the demo's measured table).
+    # Seed 0 trains with TrainingArguments' default seed, as the stages run by hand.
     assert {step.argv[step.argv.index("--seed") + 1] for step in steps if isinstance(step, StageStep)} == {"42"}
     unimodal, stage0 = steps[0], steps[1]
     assert isinstance(unimodal, TinyUnimodalStep) and isinstance(stage0, Stage0Step)
@@ -116,7 +124,7 @@ def test_the_default_schedule_assembles_the_random_tower_and_evaluates_the_easy_
     assert evaluated == {("manager_tiny", "manager_tiny_mc")}
     assert chance_notes(("manager_tiny", "manager_tiny_mc"), 6)[0].startswith("chance on the 6 manager_tiny documents")
     args = build_parser().parse_args(["--out", str(tmp_path), "--tasks", "manager_tiny_mc"])  # --tasks wins
-    steps = build_steps(args, load_schedule("tiny"), InProcessLauncher())
+    steps = build_steps(args, load_schedule("easy"), InProcessLauncher())
     assert {step.job.tasks for step in steps if isinstance(step, EvalStep)} == {("manager_tiny_mc",)}
 
 

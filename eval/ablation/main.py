@@ -1,15 +1,14 @@
 """`llava-manager ablation [options]` (or `python -m eval ablation`): the grid vs manager ablation end to end, resumable.
 
-With no options, on the embedded default: writes a tiny SigLIP and a tiny Qwen2, assembles them (stage 0), writes
-the synthetic data, trains the four variants through their stages (the `tiny` schedule), evaluates each on the
-schedule's tasks (manager_tiny and manager_tiny_mc), and writes the report (markdown, CSV, PNG) and the report over
-seeds per kind of question (`--seeds N` repeats everything with N seeds, each Δ with a 95% interval over seeds and
-documents). `--schedule detail` is the tiny world where the manager's mechanism exists: the SigLIP is first pretrained
-so that its last layer keeps the coarse scene and loses the details, and its layers probed; the questions
-(manager_tiny_detail) are coarse and detail ones. With `--vision SIGLIP --llm QWEN2 --data DIR --tasks
-manager_local13` (or `--model DIR`, an existing LLaVA-OneVision, instead of stage 0) the same steps run the real
-ablation with the recipes' own settings (the `full` schedule). Finished steps are skipped on a re-run (`--force` redoes
-them).
+With no options, on the embedded default (the `detail` schedule): writes a tiny SigLIP and a tiny Qwen2, pretrains the
+SigLIP so that its last layer keeps the coarse scene and loses the details (and probes its layers), assembles them
+(stage 0), writes the synthetic data, trains the four variants through their stages (two stage runs side by side on
+two cores), evaluates each on coarse and detail questions (manager_tiny_detail, manager_tiny_detail_mc), and writes the
+report (markdown, CSV, PNG) and the report per kind of question (`--seeds N` repeats everything with N seeds, each Δ
+with a 95% interval over seeds and documents). `--schedule easy` is the same pipeline with the random tower on the
+easy scenes. With `--vision SIGLIP --llm QWEN2 --data DIR --tasks manager_local13` (or `--model DIR`, an existing
+LLaVA-OneVision, instead of stage 0) the same steps run the real ablation with the recipes' own settings (the `full`
+schedule). Finished steps are skipped on a re-run (`--force` redoes them).
 """
 
 from __future__ import annotations
@@ -48,8 +47,8 @@ TRAINING_SEED = 42  # transformers.TrainingArguments' default seed
 STAGE_MIXTURES = {"1": "stage1.yaml", "1.5": "stage1.5.yaml", "2": "stage2.yaml"}  # as training.synthetic writes them
 
 EXAMPLES = """examples:
-  {prog}                                   # the tiny ablation on CPU, one seed (about 7 minutes)
-  {prog} --schedule detail --seeds 3       # the detail world, seeds 0-2: probes, Δs per kind with intervals over seeds
+  {prog}                                   # the tiny ablation on CPU, one seed (under 5 minutes on 2 cores)
+  {prog} --seeds 3                         # seeds 0-2 (reuses seed 0): probes, Δs per kind with intervals over seeds
   {prog} --schedule smoke --out /tmp/smoke # every step, 2 training steps each (seconds)
   {prog} --vision ckpt/siglip-so400m-patch14-384 --llm ckpt/Qwen2-0.5B-Instruct --data data/ \\
       --tasks manager_local13 --out runs/ablation_0.5b --launcher subprocess --nproc 8 \\
@@ -84,7 +83,8 @@ def build_parser(prog: str = "python -m eval ablation") -> argparse.ArgumentPars
     parser.add_argument("--variants", default=",".join(VARIANT_RECIPES), help="which variants to run (default: all)")
     parser.add_argument(
         "--schedule",
-        help=f"{', '.join(schedule_names())} or a YAML file (default: tiny on the embedded default, full with --model or --vision)",
+        help=f"{', '.join(schedule_names())} or a YAML file (default: detail on the embedded default, full with --model or "
+        "--vision)",
     )
     parser.add_argument("--train-args", default="", help='more `python -m training` options, e.g. "--deepspeed zero2"')
     parser.add_argument("--eval-args", default="", help="more `python -m eval run` options (subprocess launcher)")
@@ -360,7 +360,7 @@ def run(args: argparse.Namespace, launcher=None) -> int:
             if value is not None and value < 1:
                 raise AblationError(f"--{name.replace('_', '-')} {value}: expected a positive number")
         tiny = args.model is None and args.vision is None
-        schedule = load_schedule(args.schedule or ("tiny" if tiny else "full"))
+        schedule = load_schedule(args.schedule or ("detail" if tiny else "full"))
         threads = choose_threads(args.threads)
         launcher = launcher or choose_launcher(args.launcher, args.nproc)
         jobs = choose_jobs(args.jobs, launcher)

@@ -5,8 +5,9 @@ stage (`all`) and per recipe stage (`"1"`, `"1.5"`, `"2"`; these win), the evalu
 model arguments, the lmms-eval tasks it evaluates (`tasks`, default manager_tiny and manager_tiny_mc; `--tasks` wins),
 and (`tower`) how the tiny SigLIP is pretrained and probed before stage 0 assembles it
 (`training.tower_pretraining.PretrainSettings` fields and the probes' scene counts; only when the ablation writes the
-tiny SigLIP). `tiny` is the embedded default's, `detail` the tiny world with a pretrained tower and detail questions,
-`smoke` the smallest that runs every step, `full` the recipes' own settings (the real ablation).
+tiny SigLIP). `detail` is the embedded default's (the tiny world with a pretrained tower and detail questions), `easy`
+the tiny model with its random tower on the easy scenes, `smoke` the smallest that runs every step, `full` the recipes'
+own settings (the real ablation).
 """
 
 from __future__ import annotations
