@@ -24,10 +24,10 @@ from pathlib import Path
 from llava_manager.models import check_model_reference
 
 from .launchers import LAUNCHERS, EvalJob, InProcessLauncher, StepFailed, SubprocessLauncher
-from .parallel import SideBySide, cpu_cores
 from .plan import VARIANT_RECIPES, build_plan
 from .progress import Progress, clock
 from .schedule import Schedule, load_schedule, schedule_names
+from .scheduler import StepScheduler, cpu_cores
 from .steps import (
     PROBES,
     AblationError,
@@ -39,7 +39,6 @@ from .steps import (
     SyntheticDataStep,
     TinyUnimodalStep,
     TowerStep,
-    remove,
 )
 
 DEFAULT_OUT = Path("runs/ablation")
@@ -382,22 +381,14 @@ def run(args: argparse.Namespace, launcher=None) -> int:
     )
     progress = Progress(len(steps) + reports)
     try:
-        if jobs > 1 and not args.dry_run:
-            import torch
-
-            SideBySide(jobs, torch.get_num_threads(), progress, args.force).run(steps)
-        else:
+        if args.dry_run:
             for step in steps:
                 reason = None if args.force else step.finished()
-                if reason or args.dry_run:
-                    progress.mark(step.label, f"skipped, {reason}" if reason else f"would run: {step.command()}")
-                    continue
-                if args.force and isinstance(step, StageStep):
-                    remove(step.directory)
-                with progress.step(step.label):
-                    step.run()
-        if args.dry_run:
+                progress.mark(step.label, f"skipped, {reason}" if reason else f"would run: {step.command()}")
             return 0
+        import torch
+
+        StepScheduler(jobs, torch.get_num_threads(), progress, args.force).run(steps)
         for seed, layout in layouts.items():
             with progress.step(f"report of {len(evaluations[seed])} variants (seed {seed})"):
                 markdown = write_ablation_report(layout, evaluations[seed])

@@ -1,11 +1,11 @@
-"""The ablation's steps with stage runs side by side: on a CPU of N cores, N one-thread trainings at once.
+"""The ablation's steps, in order, with stage runs side by side: on a CPU of N cores, N one-thread trainings at once.
 
-The tiny model trains no faster with more threads, but two trainings on two cores take the time of one. Each stage run
-goes to a fresh worker process, forked from a server that has imported the training stack once (so a worker starts in
-a fraction of a second and inherits nothing from an earlier run), with its output in `OUT/seed_S/logs/RECIPE.log`. A
-stage run starts once the run it starts from has finished; evaluations and the other steps run in this process, each
-as soon as what it reads exists. The results are those of the steps run one after another: every stage run is seeded
-by its own arguments alone.
+The tiny model trains no faster with more threads, but two trainings on two cores take the time of one. With more
+than one job each stage run goes to a fresh worker process, forked from a server that has imported the training stack
+once (so a worker starts in a fraction of a second and inherits nothing from an earlier run), with its output in
+`OUT/seed_S/logs/RECIPE.log`. A stage run starts once the run it starts from has finished; evaluations and the other
+steps run in this process, each as soon as what it reads exists. The results are those of the steps run one after
+another: every stage run is seeded by its own arguments alone.
 """
 
 from __future__ import annotations
@@ -87,17 +87,19 @@ class InFlight:
     log: Path
 
 
-class SideBySide:
-    """Runs `steps` (in their listed order, which has every step after what it reads) with up to `jobs` stage runs at
-    once in worker processes of `threads` threads each; finished steps are skipped unless `force`."""
+class StepScheduler:
+    """Runs `steps` (in their listed order, which has every step after what it reads), skipping finished ones unless
+    `force`: with `jobs` > 1, up to `jobs` stage runs at once in worker processes of `threads` threads each; with 1,
+    every step in this process, one after another."""
 
     def __init__(self, jobs: int, threads: int, progress: Progress, force: bool = False):
-        if jobs < 2:
-            raise ValueError(f"side by side needs at least 2 jobs, got {jobs}")
+        if jobs < 1:
+            raise ValueError(f"jobs must be at least 1, got {jobs}")
         self.jobs, self.threads, self.progress, self.force = jobs, threads, progress, force
-        self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(PRELOAD)
-        forkserver.ensure_running()  # its imports now, while this process runs the first steps
+        if jobs > 1:
+            self.context = multiprocessing.get_context("forkserver")
+            self.context.set_forkserver_preload(PRELOAD)
+            forkserver.ensure_running()  # its imports now, while this process runs the first steps
 
     def run(self, steps: Sequence[Step]) -> None:
         waiting = list(steps)
@@ -140,9 +142,11 @@ class SideBySide:
             reason = None if self.force else step.finished()
             if reason:
                 self.progress.mark(step.label, f"skipped, {reason}")
-            elif isinstance(step, StageStep):
+            elif isinstance(step, StageStep) and self.jobs > 1:
                 flying.append(self._launch(step))
             else:
+                if self.force and isinstance(step, StageStep):
+                    remove(step.directory)
                 with self.progress.step(step.label):
                     step.run()
         return left
