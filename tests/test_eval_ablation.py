@@ -19,6 +19,7 @@ from eval.ablation.launchers import InProcessLauncher
 from eval.ablation.main import build_parser, build_steps, chance_notes, run, seed_layouts
 from eval.ablation.plan import VARIANT_RECIPES, build_plan
 from eval.ablation.schedule import load_schedule
+from eval.ablation.scheduler import cpu_cores
 from eval.ablation.steps import EvalStep, Stage0Step, StageStep, SyntheticDataStep, TinyUnimodalStep, TowerStep
 from eval.benchmarks import load_table
 from training.recipe import RECIPE_DIR
@@ -104,9 +105,10 @@ def test_seeds_repeat_every_step_with_their_seed_under_their_own_directory(tmp_p
 
 def test_the_default_schedule_is_the_detail_world(tmp_path, capsys, one_thread):
     """With no --schedule the tiny model runs the detail world: the tower is pretrained and probed before stage 0."""
-    assert run(build_parser().parse_args(["--out", str(tmp_path), "--dry-run", "--jobs", "1"])) == 0
+    assert run(build_parser().parse_args(["--out", str(tmp_path), "--dry-run", "--threads", "1"])) == 0
     output = capsys.readouterr().out
     assert "| schedule detail (" in output and "pretrain the SigLIP (coarse + invariant to details)" in output
+    assert f"| jobs {max(1, cpu_cores())}" in output  # the tiny model: one stage run per core by default
     assert "evaluate baseline (stage2_nogrid) on manager_tiny_detail,manager_tiny_detail_mc" in output
 
 
@@ -154,7 +156,9 @@ def test_vision_and_llm_start_with_stage_0_instead_of_model(tmp_path, capsys, on
     stage1 = next(step for step in steps if isinstance(step, StageStep) and step.run_spec.recipe == "stage1")
     assert stage1.argv[stage1.argv.index("--model_name_or_path") + 1] == str(tmp_path / "out" / "seed_0" / "stage0")
     assert run(build_parser().parse_args(["--out", str(tmp_path / "out"), *unimodal, *data, "--dry-run"])) == 0
-    assert f"python -m llava_integration.assemble --vision {tmp_path / 'siglip'}" in capsys.readouterr().out
+    dry_run = capsys.readouterr().out
+    assert f"python -m llava_integration.assemble --vision {tmp_path / 'siglip'}" in dry_run
+    assert "| jobs 1" in dry_run  # a real model's stage runs: one at a time unless --jobs says otherwise
     # Stage 0 runs first and stops the run on a bad input (here: no such directory), before any training.
     assert run(build_parser().parse_args(["--out", str(tmp_path / "out"), *unimodal, *data]), FakeLauncher()) == 1
     assert f"stage 0: --vision {tmp_path / 'siglip'} is not a directory" in capsys.readouterr().err

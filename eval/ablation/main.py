@@ -108,7 +108,8 @@ def build_parser(prog: str = "python -m eval ablation") -> argparse.ArgumentPars
         "--jobs",
         type=int,
         help="stage runs trained side by side, each in a worker process of --threads threads (in-process launcher; "
-        "default: the CPU cores over --threads, so 2 on 2 cores; 1 trains in this process, one run after another)",
+        "default: the CPU cores over --threads for the embedded tiny model, so 2 on 2 cores, else 1; 1 trains in this "
+        "process, one run after another)",
     )
     parser.add_argument(
         "--seeds",
@@ -179,8 +180,9 @@ def choose_threads(threads: int | None) -> str:
     return str(threads)
 
 
-def choose_jobs(jobs: int | None, launcher) -> int:
-    """How many stage runs train side by side: only the in-process launcher runs them in workers of its own."""
+def choose_jobs(jobs: int | None, launcher, tiny: bool) -> int:
+    """How many stage runs train side by side: only the in-process launcher runs them in workers of its own, and by
+    default only for the embedded tiny model (a real model's copies would not fit a CPU's memory N times)."""
     import torch
 
     if jobs is not None and jobs < 1:
@@ -189,7 +191,9 @@ def choose_jobs(jobs: int | None, launcher) -> int:
         if jobs not in (None, 1):
             raise AblationError(f"--jobs {jobs} needs --launcher inprocess (a subprocess step uses every GPU)")
         return 1
-    return jobs or max(1, cpu_cores() // torch.get_num_threads())
+    if jobs is None:
+        return max(1, cpu_cores() // torch.get_num_threads()) if tiny else 1
+    return jobs
 
 
 def choose_launcher(name: str, nproc: int | None):
@@ -362,7 +366,7 @@ def run(args: argparse.Namespace, launcher=None) -> int:
         schedule = load_schedule(args.schedule or ("detail" if tiny else "full"))
         threads = choose_threads(args.threads)
         launcher = launcher or choose_launcher(args.launcher, args.nproc)
-        jobs = choose_jobs(args.jobs, launcher)
+        jobs = choose_jobs(args.jobs, launcher, tiny)
         if args.eval_args and launcher.name == "inprocess":
             raise AblationError(f"--eval-args {args.eval_args!r} need --launcher subprocess (`python -m eval run`)")
         layouts = seed_layouts(args)
