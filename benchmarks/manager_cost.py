@@ -44,7 +44,7 @@ from .measure import (
     time_training,
     train_step,
 )
-from .report import markdown_table, mfu, overhead_ratios, plot, spread, write_results
+from .report import markdown_table, mfu, overhead_ratios, plot, publish_results, spread
 from .sizes import SIZES, build_config, build_model, build_processor
 
 DEFAULT_FAMILY = "llava_onevision"
@@ -304,13 +304,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> d
     stem = args.tag or f"{args.size}-{result['machine']['device'].split(':')[0]}"
     if args.tag is None and args.family != DEFAULT_FAMILY:
         stem += f"-{args.family}"
-    table = markdown_table(result)
-    written = write_results(args.out, stem, result, table)
-    if "measurements" in result and not args.no_plot:
-        plot(result, args.out / f"{stem}.png")
-        written.append(f"{stem}.png")
-    print(table)
-    print(f"wrote {', '.join(written)} in {args.out}")
+    figure = (lambda path: plot(result, path)) if "measurements" in result and not args.no_plot else None
+    publish_results(args.out, stem, result, markdown_table(result), figure)
     return result
 
 

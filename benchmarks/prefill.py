@@ -27,7 +27,7 @@ from .inputs import make_batch, workload
 from .machine import describe, device_option
 from .manager_cost import RESULTS, variant_counts
 from .measure import MANAGER_PAIRS, VARIANTS, Subject, interleaved, prefill, synchronizer, timed_prefill
-from .report import overhead_ratios, spread, write_results
+from .report import overhead_ratios, publish_results, spread
 from .sizes import SIZES, build_config, build_model, build_processor
 
 
@@ -151,10 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
     stem = f"{args.size}-prefill-{result['machine']['device'].split(':')[0]}"
-    table = markdown_table(result)
-    written = write_results(args.out, stem, result, table)
-    print(table)
-    print(f"wrote {', '.join(written)} in {args.out}")
+    publish_results(args.out, stem, result, markdown_table(result))
     return result
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from manager_plugin.io import write_atomically
@@ -40,6 +40,18 @@ def write_results(directory: Path, stem: str, result: dict, table: str) -> list[
         write_atomically(directory / f"{stem}{suffix}", lambda path, text=text: Path(path).write_text(text))
         names.append(f"{stem}{suffix}")
     return names
+
+
+def publish_results(
+    directory: Path, stem: str, result: dict, table: str, figure: Callable[[Path], None] | None = None
+) -> None:
+    """`write_results`, then `figure(<stem>.png)` when given, then the table and what was written, printed."""
+    written = write_results(directory, stem, result, table)
+    if figure is not None:
+        figure(directory / f"{stem}.png")
+        written.append(f"{stem}.png")
+    print(table)
+    print(f"wrote {', '.join(written)} in {directory}")
 
 
 def spread(values: list[float]) -> dict[str, float]:

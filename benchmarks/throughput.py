@@ -49,7 +49,7 @@ from . import flops as flop_model
 from .inputs import workload
 from .machine import describe, device_option
 from .measure import Variant
-from .report import overhead_ratios, spread, write_results
+from .report import overhead_ratios, publish_results, spread
 from .sizes import SIZES, build_config, build_model, build_processor
 
 RESULTS = Path("runs/benchmarks")
@@ -507,10 +507,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks throug
     args = parse_args(argv, prog)
     result = run(args, " ".join([*prog.split(), *map(shlex.quote, argv)]))
     stem = args.tag or f"throughput-{args.size}-{result['machine']['device'].split(':')[0]}"
-    table = markdown_table(result)
-    written = write_results(args.out, stem, result, table)
-    print(table)
-    print(f"wrote {', '.join(written)} in {args.out}")
+    publish_results(args.out, stem, result, markdown_table(result))
     return result
 
 
