@@ -146,22 +146,24 @@ def prefill(subject: Subject) -> None:
 
 def timed_train_step(subject: Subject, sync: Callable[[], None]) -> dict[str, float]:
     """One training step's wall and CPU time."""
-    sync()
-    start = _clocks()
-    train_step(subject)
-    sync()
-    end = _clocks()
-    return {"train_step_s": end[0] - start[0], "train_step_cpu_s": end[1] - start[1]}
+    return _timed("train_step", train_step, subject, sync)
 
 
 def timed_prefill(subject: Subject, sync: Callable[[], None]) -> dict[str, float]:
     """One prefill forward's wall and CPU time (no `generate` around it: the forward alone)."""
+    return _timed("prefill", prefill, subject, sync)
+
+
+def _timed(
+    name: str, action: Callable[[Subject], None], subject: Subject, sync: Callable[[], None]
+) -> dict[str, float]:
+    """`action(subject)`'s wall and CPU time as `<name>_s` and `<name>_cpu_s`, the device synchronised around it."""
     sync()
     start = _clocks()
-    prefill(subject)
+    action(subject)
     sync()
     end = _clocks()
-    return {"prefill_s": end[0] - start[0], "prefill_cpu_s": end[1] - start[1]}
+    return {f"{name}_s": end[0] - start[0], f"{name}_cpu_s": end[1] - start[1]}
 
 
 def interleaved(
