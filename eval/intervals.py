@@ -78,7 +78,8 @@ def delta_interval(
     them in `documents`, when given); `paired_runs`: run i of `without` and of `with_` are one seed's."""
     shared = sorted(set.intersection(*(set(run) for run in [*without, *with_])))
     if documents is not None:
-        shared = [doc for doc in shared if doc in set(documents)]
+        chosen = set(documents)
+        shared = [doc for doc in shared if doc in chosen]
     if len(shared) < 2:
         return None
     if paired_runs and len(without) != len(with_):

@@ -62,7 +62,7 @@ def question_groups(kinds: dict[int, str]) -> dict[str, list[int]]:
     coarse = [doc for doc, kind in kinds.items() if kind in COARSE_KINDS]
     if coarse and len(coarse) < len(kinds):
         groups["coarse (all)"] = coarse
-        groups["detail (all)"] = [doc for doc in kinds if doc not in set(coarse)]
+        groups["detail (all)"] = [doc for doc, kind in kinds.items() if kind not in COARSE_KINDS]
     groups["all"] = list(kinds)
     return groups
 
