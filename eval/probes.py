@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from training.synthetic import COARSE_KINDS, get_preset
-from training.tower_pretraining import FACT_OF_KIND, SceneSet, kind_classes, scene_set
+from training.tower_pretraining import FACT_KINDS, SceneSet, kind_classes, scene_set
 
 # The gate: the layer LLaVA reads must keep at most this share of what the best intermediate layer reads of the
 # details above chance (mean over detail kinds), else the tiny world does not have the mechanism the ablation tests.
@@ -85,7 +85,7 @@ def probe_tower(
 ) -> ProbeTable:
     """Probe the first `num_hidden_states` hidden states of `tower` (default: all) for each kind of question of
     `preset` (default: those it asks)."""
-    kinds = list(kinds or [kind for kind in get_preset(preset).questions if kind in FACT_OF_KIND])
+    kinds = list(kinds or [kind for kind in get_preset(preset).questions if kind in FACT_KINDS])
     image_size = tower.config.image_size
     train: SceneSet = scene_set("probe-train", train_scenes, preset, image_size)
     test: SceneSet = scene_set("probe-test", test_scenes, preset, image_size)

@@ -35,14 +35,8 @@ from .synthetic import COARSE_KINDS, SceneFacts, generate_scene, get_preset
 
 # The hidden state the objective reads: the one the assembled LLaVA-OneVision reads (stage 0 drops the last block).
 FEATURE_LAYER = -2
-# The SceneFacts field each kind of question asks about; the kinds the pretraining and the probes know.
-FACT_OF_KIND = {
-    "colour": "colour",
-    "shape": "shape",
-    "letter": "letter",
-    "marker_colour": "marker_colour",
-    "marker_position": "marker_position",
-}
+# The kinds of question the pretraining and the probes know: each names the SceneFacts field it asks about.
+FACT_KINDS = ("colour", "shape", "letter", "marker_colour", "marker_position")
 
 
 @dataclass(frozen=True)
@@ -54,11 +48,10 @@ class SceneSet:
 
     def labels(self, kind: str, classes: Sequence[str]) -> torch.Tensor:
         """The index in `classes` of each scene's answer to a question of `kind`."""
-        field = FACT_OF_KIND.get(kind)
-        if field is None:
-            raise ValueError(f"question kind {kind!r}: expected one of {sorted(FACT_OF_KIND)}")
+        if kind not in FACT_KINDS:
+            raise ValueError(f"question kind {kind!r}: expected one of {sorted(FACT_KINDS)}")
         index = {name: position for position, name in enumerate(classes)}
-        values = [getattr(facts, field) for facts in self.facts]
+        values = [getattr(facts, kind) for facts in self.facts]
         unknown = sorted({str(value) for value in values} - set(index))
         if unknown:
             raise ValueError(f"{kind} answers {unknown} are not among the classes {list(classes)}")
@@ -130,7 +123,7 @@ class PretrainSettings:
 
 def coarse_kinds(preset: str) -> tuple[str, ...]:
     """The kinds of question of `preset` about its large shape (the pretraining's classification labels)."""
-    kinds = tuple(kind for kind in get_preset(preset).questions if kind in COARSE_KINDS and kind in FACT_OF_KIND)
+    kinds = tuple(kind for kind in get_preset(preset).questions if kind in COARSE_KINDS and kind in FACT_KINDS)
     if not kinds:
         raise ValueError(f"preset {preset!r} asks no coarse question the tower could be pretrained on")
     return kinds
